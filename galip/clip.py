@@ -1,0 +1,225 @@
+"""Frozen open_clip model and the views of it that GALIP needs.
+
+GALIP uses one frozen CLIP three ways: the text tower encodes prompts, the image tower feeds NetD
+with patch tokens from a few intermediate blocks, and NetG's mapper pushes its "bridge feature"
+through the image tower's blocks with learned prompt tokens. All sizes (width, grid, input size,
+depth, embed dim) are read from the loaded model, so any open_clip ViT works.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The reference's (1, 4, 8) feature blocks and 1..8 prompt blocks, for a 12-block ViT.
+_REF_DEPTH = 12
+_REF_FEATURE_BLOCKS = (1, 4, 8)
+_REF_PROMPT_BLOCKS = tuple(range(1, 9))
+
+
+class ClipWeightsError(RuntimeError):
+    """CLIP weights could not be found locally; the message says how to stage them."""
+
+
+def register_project_model_configs() -> None:
+    """Make the project's own open_clip configs (e.g. ``galip-tiny``) known to open_clip."""
+    import open_clip
+
+    path = Path(str(resources.files("galip") / "model_configs"))
+    if "galip-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(path)
+
+
+def _create_open_clip(name: str, pretrained: str) -> nn.Module:
+    import open_clip
+
+    register_project_model_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(f"model.clip_model={name!r} is not an open_clip model name (see open_clip.list_models())")
+    if not pretrained:
+        return open_clip.create_model(name, pretrained=None)
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not Path(pretrained).is_file():
+            raise ClipWeightsError(
+                f"model.clip_pretrained={pretrained!r}: no such file. Stage the checkpoint there, or set a "
+                "pretrained tag (e.g. 'openai') on a machine whose open_clip/Hugging Face cache has it."
+            )
+        return open_clip.create_model(name, pretrained=pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(f"model.clip_pretrained={pretrained!r} is not a tag of {name} (known: {tags})")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained)
+    except Exception as exc:  # offline hub, proxy, missing cache: all end here
+        raise ClipWeightsError(
+            f"could not load open_clip weights {name}/{pretrained} ({type(exc).__name__}: {exc}). "
+            f"On a connected machine run: python -c \"import open_clip; open_clip.create_model('{name}', "
+            f"pretrained='{pretrained}')\" to fill the Hugging Face cache (HF_HOME), copy that cache here, "
+            "or download the checkpoint file and set model.clip_pretrained=/path/to/file.pt"
+        ) from exc
+
+
+def _scaled_blocks(ref: Sequence[int], depth: int) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(min(depth - 1, round(i * depth / _REF_DEPTH)) for i in ref))
+
+
+@dataclass(frozen=True)
+class ClipDims:
+    width: int  # image-tower width (token channels)
+    grid: int  # patch grid side
+    image_size: int  # CLIP input resolution
+    depth: int  # number of ViT blocks
+    embed_dim: int  # joint embedding size (sentence / image embedding)
+    context_length: int
+
+
+class FrozenCLIP(nn.Module):
+    """A frozen open_clip ViT CLIP with GALIP's text, image-feature and mapper entry points."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        feature_blocks: Sequence[int] = (),
+        prompt_blocks: Sequence[int] = (),
+        pixel_norm: str = "reference",
+    ) -> None:
+        super().__init__()
+        visual = getattr(model, "visual", None)
+        if visual is None or not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
+            raise ValueError("GALIP needs an open_clip ViT image tower (model.visual.transformer); got a non-ViT CLIP")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.pixel_norm = pixel_norm
+        size = visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        grid = visual.grid_size
+        grid = grid[0] if isinstance(grid, (tuple, list)) else grid
+        depth = len(visual.transformer.resblocks)
+        self.dims = ClipDims(
+            width=visual.transformer.width,
+            grid=grid,
+            image_size=size,
+            depth=depth,
+            embed_dim=visual.output_dim,
+            context_length=int(getattr(model, "context_length", 77)),
+        )
+        self.feature_blocks = tuple(feature_blocks) or _scaled_blocks(_REF_FEATURE_BLOCKS, depth)
+        self.prompt_blocks = tuple(prompt_blocks) or _scaled_blocks(_REF_PROMPT_BLOCKS, depth)
+        for key, blocks in (("model.feature_blocks", self.feature_blocks), ("model.prompt_blocks", self.prompt_blocks)):
+            if len(set(blocks)) != len(blocks) or not all(0 <= b < depth for b in blocks):
+                raise ValueError(f"{key}={list(blocks)}: need distinct block indices in [0, {depth - 1}] for this CLIP")
+        mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        text_owner = model if hasattr(model, "ln_final") else model.text
+        self._tokens_out: torch.Tensor | None = None
+        text_owner.ln_final.register_forward_hook(self._keep_tokens)
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":
+        # Frozen means frozen: dropout/patch-dropout stay off even when a parent calls .train().
+        return super().train(False)
+
+    def _keep_tokens(self, _mod: nn.Module, _inp, out: torch.Tensor) -> None:
+        self._tokens_out = out
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    # --- text -------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sentence embedding (EOT token @ text_projection) [B, E] and token features [B, L, Wt].
+
+        open_clip's own encode_text applies the causal attn_mask and its batch-first layout; the
+        token features are taken from ln_final's output on the same pass.
+        """
+        sent = self.model.encode_text(tokens)
+        words, self._tokens_out = self._tokens_out, None
+        return sent, words
+
+    # --- image ------------------------------------------------------------------------------
+    def to_clip_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Map generator-range images ([-1, 1]) to CLIP's normalised input at CLIP's resolution.
+
+        ``reference`` reproduces tobran/GALIP exactly: images go to [0, 1], are resized (nearest)
+        and then mapped once more by (x + 1) / 2, so pixels reach CLIP's mean/std in [0.5, 1].
+        Pretrained GALIP weights expect this. ``standard`` is the usual [0, 1] -> mean/std.
+        """
+        x = images * 0.5 + 0.5
+        size = self.dims.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="nearest")
+        if self.pixel_norm == "reference":
+            x = (x + 1) * 0.5
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens after ``feature_blocks`` as [B, n, W, g, g] and the projected image embedding [B, E]."""
+        out = self.visual.forward_intermediates(
+            self.to_clip_input(images), indices=list(self.feature_blocks), output_fmt="NCHW"
+        )
+        return torch.stack(out["image_intermediates"], dim=1), out["image_features"]
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(self.to_clip_input(images))
+
+    # --- NetG's mapper ----------------------------------------------------------------------
+    def map_bridge(self, bridge: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Run a bridge feature [B, W, g, g] through every ViT block (no patch conv).
+
+        Block i in ``prompt_blocks`` sees one extra learned token (prompts[:, k]) appended to the
+        sequence and dropped after the block, as in the reference's CLIP_Mapper.
+        """
+        v = self.visual
+        b, w, g, _ = bridge.shape
+        x = bridge.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, w).expand(b, 1, w)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.ln_pre(x)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        k = 0
+        for i, block in enumerate(v.transformer.resblocks):
+            prompted = i in self.prompt_blocks
+            if prompted:
+                x = torch.cat([x, prompts[:, k : k + 1].to(x.dtype)], dim=1)
+                k += 1
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if prompted:
+                x = x[:, :-1]
+        return x[:, 1:].transpose(1, 2).reshape(b, w, g, g)
+
+
+def load_clip(
+    name: str,
+    pretrained: str = "",
+    feature_blocks: Sequence[int] = (),
+    prompt_blocks: Sequence[int] = (),
+    pixel_norm: str = "reference",
+) -> FrozenCLIP:
+    """Create the frozen CLIP named by ``model.clip_model``/``model.clip_pretrained``."""
+    import open_clip
+
+    model = _create_open_clip(name, pretrained)
+    return FrozenCLIP(model, open_clip.get_tokenizer(name), feature_blocks, prompt_blocks, pixel_norm)
+
+
+def clip_from_config(model_cfg) -> FrozenCLIP:
+    return load_clip(
+        model_cfg.clip_model,
+        model_cfg.clip_pretrained,
+        model_cfg.feature_blocks,
+        model_cfg.prompt_blocks,
+        model_cfg.pixel_norm,
+    )

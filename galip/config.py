@@ -1,0 +1,240 @@
+"""Typed configuration parsed from params.yaml.
+
+params.yaml is the single source of truth. It holds the base values (the reference GALIP recipe,
+i.e. the ``cc12m`` production run), a ``profiles`` table of named overlays, and ``profile``, which
+selects the overlay in force. Resolution order: base sections <- ``profiles[profile]`` <- overrides
+(``-S train.lr_g=2e-4``, DVC's syntax). Unknown keys and wrong types are rejected before any work
+starts, with the dotted key and the expected type in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid params.yaml or override; the message names the key and what was expected."""
+
+
+class _Section(BaseModel):
+    # strict: "64" is not an int, 1.5 is not an int; ints are accepted where floats are expected.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(_Section):
+    """Where training data comes from and how it becomes shards (galip.download, galip.data)."""
+
+    url_list: str = Field("data/demo/urls.parquet", description="URL+caption list (cc12m.tsv or parquet)")
+    url_col: str = "url"
+    caption_col: str = "caption"
+    shards_dir: str = "data/shards"
+    shards: str = Field("", description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
+    image_size: int = Field(256, gt=0, description="img2dataset output size")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
+    encode_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(10000, gt=0)
+    processes: int = Field(2, gt=0)
+    threads: int = Field(16, gt=0)
+    retries: int = Field(0, ge=0)
+    timeout: int = Field(10, gt=0)
+    # Reference augmentation: resize to load_size, random crop to crop_size, horizontal flip.
+    load_size: int = Field(304, gt=0)
+    crop_size: int = Field(256, gt=0)
+    hflip: bool = True
+    shuffle_buffer: int = Field(1000, ge=0)
+    workers: int = Field(2, ge=0)
+    resampled: bool = True
+    s3_endpoint_url: str = ""
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "DataConfig":
+        if self.crop_size > self.load_size:
+            raise ValueError(f"data.crop_size ({self.crop_size}) must be <= data.load_size ({self.load_size})")
+        return self
+
+
+class ModelConfig(_Section):
+    """Networks. Sizes that depend on CLIP (width, grid, blocks, embed dim) are read from the CLIP model."""
+
+    clip_model: str = "ViT-B-32-quickgelu"
+    clip_pretrained: str = Field("openai", description="open_clip pretrained tag, local checkpoint path, or '' for random")
+    image_size: int = Field(224, gt=0, description="generator output size")
+    nz: int = Field(100, gt=0)
+    ngf: int = Field(64, gt=0)
+    ndf: int = Field(64, gt=0)
+    code_channels: int = Field(64, gt=0)
+    code_mid_channels: int = Field(32, gt=0)
+    mapper_blocks: int = Field(4, gt=0)
+    # ViT block indices (0-based). Empty = derived from the depth as the reference's (1, 4, 8) and
+    # 1..8 are for 12 blocks.
+    feature_blocks: tuple[int, ...] = ()
+    prompt_blocks: tuple[int, ...] = ()
+    pixel_norm: Literal["reference", "standard"] = "reference"
+
+    @field_validator("feature_blocks", "prompt_blocks", mode="before")
+    @classmethod
+    def _listy(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class TrainConfig(_Section):
+    out_dir: str = "runs/cc12m"
+    batch_size: int = Field(64, gt=0, description="per process, per step")
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(200_000, gt=0)
+    lr_g: float = Field(1e-4, gt=0)
+    lr_d: float = Field(4e-4, gt=0)
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.9, ge=0, lt=1)
+    sim_w: float = Field(4.0, ge=0)
+    magp_k: float = Field(2.0, ge=0)
+    magp_p: float = Field(6.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 100
+    log_every: int = Field(50, gt=0)
+    ckpt_every: int = Field(2000, gt=0)
+    sample_every: int = Field(2000, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    checkpoint_uri: str = Field("", description="optional s3:// prefix the checkpoints are uploaded to")
+    sample_prompts: tuple[str, ...] = (
+        "a photo of a red bird sitting on a branch",
+        "a bowl of fruit on a wooden table",
+        "a city street at night with lights",
+        "a snowy mountain under a blue sky",
+    )
+
+    @field_validator("sample_prompts", mode="before")
+    @classmethod
+    def _prompts(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class EvalConfig(_Section):
+    out_dir: str = "runs/cc12m/eval"
+    n_samples: int = Field(30000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    inception_weights: str = Field("", description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
+    eval_clip_model: str = "ViT-L-14"
+    eval_clip_pretrained: str = "openai"
+    metrics: tuple[str, ...] = ("fid", "fd_clip", "clip_score")
+    seed: int = 0
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+
+class Config(_Section):
+    profile: str = "cc12m"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr_g=2e-4`` -> (["train", "lr_g"], 2e-4); values are YAML, as in ``dvc exp run -S``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. -S train.lr_g=2e-4)")
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    # YAML 1.1 reads "2e-4" as a string; users mean a number.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
+    return key.strip().split("."), parsed
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for valid keys)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def resolve(raw: dict[str, Any], overrides: Sequence[str] = (), profile: str | None = None) -> Config:
+    """Build a validated Config from a params.yaml tree, a profile name and KEY=VALUE overrides."""
+    raw = copy.deepcopy(raw or {})
+    profiles = raw.pop("profiles", {}) or {}
+    parsed = [parse_override(o) for o in overrides]
+    for path, value in parsed:
+        if path == ["profile"]:
+            profile = value
+    name = profile or raw.get("profile") or "cc12m"
+    if not isinstance(profiles, dict) or (name not in profiles and name != "cc12m"):
+        raise ConfigError(f"profile {name!r} is not defined under 'profiles' in params.yaml (have: {sorted(profiles)})")
+    tree = _deep_merge(raw, profiles.get(name) or {})
+    tree["profile"] = name
+    for path, value in parsed:
+        if path[0] == "profiles":
+            # -S profiles.demo.train.batch_size=8 edits the overlay itself (DVC-style addressing).
+            if len(path) > 2 and path[1] == name:
+                _apply_override(tree, path[2:], value)
+            continue
+        if path != ["profile"]:
+            _apply_override(tree, path, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = (), profile: str | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return resolve(raw, overrides, profile)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a checkpoint or run (already resolved)."""
+    try:
+        return Config.model_validate(d)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None

@@ -1,0 +1,98 @@
+"""Checkpoints: state_dicts + resolved config + step + RNG states + version, written atomically.
+
+Never pickled modules: everything loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None = None) -> Path:
+    """Write atomically (temp file in the same folder, fsync, os.replace), then prune old ones."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "galip_version": __version__, **payload}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if keep:
+        for old in list_checkpoints(path.parent)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (train first, or pass --checkpoint PATH)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}")
+    return ckpt
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=None):
+    """(NetG in eval mode, FrozenCLIP, Config) from a training checkpoint; CLIP comes from the saved config."""
+    from .clip import clip_from_config
+    from .config import config_from_dict
+    from .models import NetG
+
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    clip = clip if clip is not None else clip_from_config(cfg.model)
+    clip = clip.to(device)
+    net_g = NetG(cfg.model, clip)
+    net_g.load_state_dict(ckpt["netG"])
+    return net_g.to(device).eval(), clip, cfg

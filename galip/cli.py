@@ -1,0 +1,122 @@
+"""The ``galip`` command line. Each command parses params.yaml (+ overrides) and calls a ``run`` function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import Config, ConfigError, load_config
+
+app = typer.Typer(
+    help="GALIP text-to-image GAN pipeline: download data, train, evaluate, generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="profile from params.yaml (default: its `profile` key)")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("-S", "--set", help="override a parameter, DVC syntax: -S train.lr_g=2e-4 (repeatable)"),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved configuration and exit")]
+
+
+def load_or_exit(params: Path, profile: str | None, overrides: list[str] | None, dry_run: bool = False) -> Config:
+    """Resolve the configuration; invalid input stops here, before any work, naming the key."""
+    try:
+        cfg = load_config(params, overrides or [], profile)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if dry_run:
+        typer.echo(cfg.to_yaml())
+        raise typer.Exit(0)
+    return cfg
+
+
+@app.command()
+def config(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the resolved configuration (YAML)."""
+    load_or_exit(params, profile, set_, dry_run=True)
+
+
+@app.command()
+def summary(
+    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model name")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="generator output size")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: Annotated[str, typer.Option("--profile")] = "cc12m",
+    set_: SetOpt = None,
+) -> None:
+    """Print learnable parameter counts of NetG/NetD/NetC and the frozen CLIP as one JSON object.
+
+    CLIP weights are random here (nothing is downloaded); counts do not depend on them.
+    """
+    from .summary import summarize
+
+    overrides = list(set_ or []) + ["model.clip_pretrained="]
+    if clip:
+        overrides.append(f"model.clip_model={clip}")
+        # Block indices in params.yaml are for the profile's CLIP; a different CLIP derives its own.
+        overrides += ["model.feature_blocks=[]", "model.prompt_blocks=[]"]
+    if image_size:
+        overrides.append(f"model.image_size={image_size}")
+    cfg = load_or_exit(params, profile, overrides)
+    typer.echo(json.dumps(summarize(cfg.model)))
+
+
+@app.command()
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in train.out_dir")] = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip.train`)."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .train import run
+
+    result = run(cfg, resume=resume)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="training checkpoint (.pt)")],
+    prompt: Annotated[list[str], typer.Option("--prompt", help="text prompt (repeatable: one grid row each)")],
+    n: Annotated[int, typer.Option("--n", min=1, help="images per prompt")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="PNG grid to write")] = Path("grid.png"),
+    interpolate: Annotated[bool, typer.Option("--interpolate", help="walk the latent from --seed to --seed+1")] = False,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Write a PNG grid of generated images, one row per prompt."""
+    from .generate import run
+
+    typer.echo(str(run(checkpoint, prompt, n=n, seed=seed, out=out, interpolate=interpolate, device=device)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process (tests call ``main([...])``); returns the exit code."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:  # click usage errors
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from .config import Config, ConfigError, load_config
@@ -110,12 +111,16 @@ def generate(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (tests call ``main([...])``); returns the exit code."""
     try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        # click returns the exit code of typer.Exit instead of raising when standalone_mode is off.
+        rv = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except SystemExit as exc:  # click usage errors
+    except click.ClickException as exc:  # usage errors: print like the console script would
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
         return int(exc.code or 0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""params.yaml parsing: profiles, DVC-style overrides, rejection of bad input before any work."""
+
+import pytest
+import yaml
+
+from galip.cli import main
+from galip.config import ConfigError, load_config
+
+
+def test_profiles_resolve_from_the_repository_params():
+    cc12m = load_config("params.yaml", profile="cc12m")
+    assert (cc12m.model.clip_model, cc12m.model.clip_pretrained, cc12m.model.image_size) == ("ViT-B-32-quickgelu", "openai", 224)
+    assert (cc12m.train.batch_size, cc12m.train.lr_g, cc12m.train.lr_d) == (64, 1e-4, 4e-4)
+    assert (cc12m.train.beta1, cc12m.train.beta2) == (0.0, 0.9)
+    demo = load_config("params.yaml", profile="demo")
+    assert demo.model.clip_model == "galip-tiny" and demo.model.image_size == 64
+    assert demo.train.lr_g == cc12m.train.lr_g  # the overlay only touches what it names
+
+
+def test_dvc_style_overrides():
+    cfg = load_config("params.yaml", ["train.lr_g=2e-4", "train.channels_last=true", "profile=cc12m"])
+    assert cfg.train.lr_g == 2e-4 and cfg.train.channels_last is True and cfg.profile == "cc12m"
+    cfg = load_config("params.yaml", ["profiles.demo.train.batch_size=8"], profile="demo")
+    assert cfg.train.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr_gg=1", "train.lr_gg: unknown key"),
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=1.5", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.image_size=-3", "model.image_size"),
+        ("nonsense=1", "nonsense: unknown key"),
+        ("data.crop_size=999", "data.crop_size"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config("params.yaml", [override])
+
+
+def test_unknown_profile_and_malformed_override():
+    with pytest.raises(ConfigError, match="profile 'nope'"):
+        load_config("params.yaml", profile="nope")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config("params.yaml", ["train.lr_g"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["train"]["learning_rate"] = 0.1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_config(path)
+
+
+def test_cli_rejects_before_work_and_dry_run_prints(capsys, tmp_path):
+    out_dir = tmp_path / "never"
+    assert main(["train", "-S", "train.lr_gg=1", "-S", f"train.out_dir={out_dir}"]) == 2
+    assert "train.lr_gg: unknown key" in capsys.readouterr().err
+    assert not out_dir.exists()
+    assert main(["train", "--profile", "demo", "--dry-run", "-S", "train.max_steps=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 7 and printed["profile"] == "demo"

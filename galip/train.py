@@ -29,6 +29,7 @@ from .clip import FrozenCLIP, clip_from_config
 from .config import Config
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .models import NetC, NetD, NetG, build_nets
+from .tracking import Tracker
 
 log = logging.getLogger("galip.train")
 
@@ -357,6 +358,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    tracker = Tracker(enabled=env.is_main)
     trainer = Trainer.create(cfg, env, clip)
     start = _resume_point(ckpt_dir, env)
     if start is not None and not resume:
@@ -367,6 +369,8 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if start is not None:
         trainer.load(start)
         log.info("resumed from %s (step %d)", start, trainer.step)
+    if trainer.step == 0:
+        tracker.log_params({**cfg.to_dict(), "world_size": env.world_size})
     result: dict[str, Any] = {"step": trainer.step, "checkpoint": str(start) if start else None, "losses": {}}
     if trainer.step >= max_steps:
         return result
@@ -386,9 +390,12 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         bar.update(1)
         bar.set_postfix(d=f"{losses_now['loss_d']:.3f}", g=f"{losses_now['loss_g']:.3f}", img_s=f"{ips:.1f}")
         if train_log is not None and (step % cfg.train.log_every == 0 or step == max_steps):
-            train_log.write({"step": step, **{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3)})
+            row = {**{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3)}
+            train_log.write({"step": step, **row})
+            tracker.log_metrics(row, step)
         if env.is_main and (step % cfg.train.sample_every == 0 or step == max_steps):
-            save_grid(trainer.sample(list(cfg.train.sample_prompts)), out_dir / "samples" / f"step_{step:08d}.png", nrow=4)
+            grid = save_grid(trainer.sample(list(cfg.train.sample_prompts)), out_dir / "samples" / f"step_{step:08d}.png", nrow=4)
+            tracker.log_image(grid, step)
         if step % cfg.train.ckpt_every == 0 or step == max_steps:
             path = trainer.save(ckpt_dir)
             if path is not None:

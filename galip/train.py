@@ -222,16 +222,23 @@ class Trainer:
         return imgs.float().clamp(-1, 1)
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def _gather_noise_states(self) -> list[torch.Tensor]:
-        state = self.noise_gen.get_state()
+    def _gather(self, obj: Any) -> list[Any]:
         if not self.env.distributed:
-            return [state]
-        states: list[Any] = [None] * self.env.world_size
-        dist.all_gather_object(states, state)
-        return states
+            return [obj]
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def param_checksums(self) -> list[float]:
+        return [p.detach().double().sum().item() for m in (self.net_g, self.net_d, self.net_c) for p in m.parameters()]
 
     def save(self, ckpt_dir: Path) -> Path | None:
-        noise_states = self._gather_noise_states()  # collective: every rank takes part
+        # Collectives: every rank takes part. Replicas that drifted apart (a DDP bug, a rank that
+        # skipped a step) would silently train different models; stop instead of checkpointing one.
+        noise_states = self._gather(self.noise_gen.get_state())
+        checksums = self._gather(self.param_checksums())
+        if any(c != checksums[0] for c in checksums):
+            raise RuntimeError(f"step {self.step}: parameters differ across ranks; refusing to checkpoint")
         if not self.env.is_main:
             return None
         payload = {
@@ -247,6 +254,7 @@ class Trainer:
             "scalerD": self.scaler_d.state_dict(),
             "rng": capture_rng(),
             "noise_rng": noise_states,
+            "rank_param_checksums": checksums,
         }
         path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints)
         return path

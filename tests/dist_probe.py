@@ -1,0 +1,29 @@
+"""Run under torchrun: each rank reads one non-resampled pass of the loader; rank 0 writes who saw what."""
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from galip.clip import load_clip
+from galip.data import build_loader
+from galip.distributed import cleanup, init_distributed
+from helpers import tiny_config
+from pathlib import Path
+
+
+def main(tmp: str, shards: str, out: str) -> None:
+    env = init_distributed("cpu")
+    cfg = tiny_config(Path(tmp), Path(shards), "data.resampled=false", "data.workers=1")
+    tokenizer = load_clip("galip-tiny").tokenizer
+    loader, _ = build_loader(cfg.data, tokenizer, 4, seed=0, rank=env.rank, world_size=env.world_size)
+    seen = [c for batch in loader for c in batch[2]]
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, seen)
+    if env.rank == 0:
+        Path(out).write_text(json.dumps(everyone))
+    cleanup(env)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

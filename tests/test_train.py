@@ -1,0 +1,105 @@
+"""Trainer on real webdataset shards: exact resume, refusal to clobber, NaN stop, outputs, generate."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from galip.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from galip.cli import main
+from galip.train import NonFiniteLossError, run
+
+from helpers import tiny_config, write_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _state(path):
+    ckpt = load_checkpoint(path)
+    return {k: ckpt[k] for k in ("netG", "netD", "netC", "optG", "optD")}
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, shards):
+    straight = tiny_config(tmp_path / "a", shards, "train.max_steps=4")
+    result = run(straight)
+    assert result["step"] == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "a/run/checkpoints")] == ["ckpt_00000002.pt", "ckpt_00000004.pt"]
+
+    split = tiny_config(tmp_path / "b", shards, "train.max_steps=4")
+    assert run(split, max_steps=2)["step"] == 2  # "interrupted" at step 2
+    assert run(split, resume=True)["step"] == 4
+    _assert_bitwise_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _state(tmp_path / "b/run/checkpoints/ckpt_00000004.pt"))
+
+    ckpt = load_checkpoint(tmp_path / "b/run/checkpoints/ckpt_00000004.pt")
+    assert ckpt["step"] == 4 and ckpt["config"]["train"]["max_steps"] == 4 and ckpt["galip_version"]
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+
+    # the loss log was cut back to step 2 on resume, then continued: one row per step, no duplicates
+    with open(tmp_path / "b/run/train_log.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "b/run/samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+
+
+def test_refuses_to_start_over_existing_checkpoints(tmp_path, shards):
+    cfg = tiny_config(tmp_path, shards, "train.max_steps=2")
+    run(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg)
+    assert run(cfg, resume=True)["step"] == 2  # already done: a no-op
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards):
+    # Adam moves every weight by ~lr per step: at 1e38 the next forward overflows to inf/NaN.
+    cfg = tiny_config(tmp_path, shards, "train.max_steps=20", "train.ckpt_every=1", "train.lr_g=1e38", "train.lr_d=1e38")
+    with pytest.raises(NonFiniteLossError, match="non-finite") as err:
+        run(cfg)
+    bad_step = int(str(err.value).split("at step ")[1].split()[0])
+    last = latest_checkpoint(tmp_path / "run/checkpoints")
+    assert last is not None and load_checkpoint(last)["step"] == bad_step - 1
+    for name in ("netG", "netD"):
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(last)[name].values())
+
+
+def test_gradient_accumulation_runs_and_counts_images(tmp_path, shards):
+    cfg = tiny_config(tmp_path, shards, "train.max_steps=2", "train.grad_accum=2", "train.batch_size=2")
+    result = run(cfg)
+    assert result["step"] == 2 and all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+
+
+def test_generate_cli_writes_grid_and_interpolation(tmp_path, shards):
+    cfg = tiny_config(tmp_path, shards, "train.max_steps=2")
+    ckpt = run(cfg)["checkpoint"]
+    out = tmp_path / "grid.png"
+    rc = main(["generate", "--checkpoint", ckpt, "--prompt", "a red square on the left", "--prompt", "a blue square", "--n", "3", "--out", str(out)])
+    assert rc == 0
+    with Image.open(out) as img:  # 3 columns x 2 rows of 64 px images with 2 px padding
+        assert img.size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
+    rc = main(["generate", "--checkpoint", ckpt, "--prompt", "a red square", "--n", "5", "--interpolate", "--out", str(tmp_path / "walk.png")])
+    assert rc == 0 and (tmp_path / "walk.png").stat().st_size > 0
+
+
+def test_generate_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])

@@ -108,6 +108,28 @@ def generate(
     typer.echo(str(run(checkpoint, prompt, n=n, seed=seed, out=out, interpolate=interpolate, device=device)))
 
 
+@app.command()
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="checkpoint to score (default: the latest in train.out_dir/checkpoints)")
+    ] = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Score a checkpoint with eval.metrics; writes eval.out_dir/metrics.json and samples.png (torchrun-aware)."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .evaluate import USER_ERRORS, run
+
+    try:
+        result = run(cfg, checkpoint)
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (tests call ``main([...])``); returns the exit code."""
     try:

@@ -118,14 +118,27 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """galip.evaluate: which metrics, on how many samples, against which reference set."""
+
     out_dir: str = "runs/cc12m/eval"
     n_samples: int = Field(30000, gt=0)
     batch_size: int = Field(64, gt=0)
     inception_weights: str = Field("", description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
     eval_clip_model: str = "ViT-L-14"
-    eval_clip_pretrained: str = "openai"
+    eval_clip_pretrained: str = Field("openai", description="open_clip tag, local checkpoint path, or '' for random weights")
+    # Random-weight eval CLIPs (demo) are seeded apart from training's so they are a different network.
+    eval_clip_seed: int = 12345
     metrics: tuple[str, ...] = ("fid", "fd_clip", "clip_score")
     seed: int = 0
+    device: str = "auto"
+    prompt_source: Literal["reference", "demo_held_out"] = Field(
+        "reference", description="captions of the reference set, or the demo's held-out procedural prompts"
+    )
+    ref_shards: str = Field("", description="reference set (dir, brace pattern of .tar); '' = the training shards")
+    ref_samples: int = Field(0, ge=0, description="reference images for FID/FD statistics; 0 = n_samples")
+    ref_stats_dir: str = Field("", description="cache of reference statistics; '' = <out_dir>/../ref_stats")
+    r_precision_candidates: int = Field(100, ge=2, description="captions ranked per image (the true one + distractors)")
+    grid_n: int = Field(8, gt=0, description="images per fixed prompt (train.sample_prompts) in the sample grid")
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -1,0 +1,56 @@
+"""Evaluation metrics behind a small registry (StyleGAN3 ``metric_main`` style).
+
+``eval.metrics`` names registry entries; each entry builds a streaming metric from the evaluation
+context and may report several numbers. The names below are the public, stable result keys: the
+same in metrics.json, in MLflow and in dvc.yaml.
+
+    fid            -> fid
+    fd_clip        -> fd_clip
+    clip_score     -> clip_score_train, clip_score_eval, clip_cosine_train, clip_cosine_eval
+    r_precision    -> r_precision
+    prompt_fidelity-> prompt_fidelity, prompt_fidelity_<attribute> (demo data set only)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..config import ConfigError
+from .base import EvalContext, EvalMetric, SampleBatch
+
+MetricFactory = Callable[[EvalContext], EvalMetric]
+
+_REGISTRY: dict[str, MetricFactory] = {}
+
+
+def register(name: str) -> Callable[[MetricFactory], MetricFactory]:
+    def wrap(factory: MetricFactory) -> MetricFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"metric {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def known_metrics() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown metric(s) {unknown}; known: {known_metrics()}")
+    if not names:
+        raise ConfigError(f"eval.metrics is empty; choose from {known_metrics()}")
+
+
+def build_metrics(names: Sequence[str], ctx: EvalContext) -> dict[str, EvalMetric]:
+    check_metric_names(names)
+    return {name: _REGISTRY[name](ctx) for name in dict.fromkeys(names)}
+
+
+# Importing the metric modules registers them.
+from . import clip_score, fd_clip, fid, prompt_fidelity, r_precision  # noqa: E402,F401
+
+__all__ = ["EvalContext", "EvalMetric", "SampleBatch", "build_metrics", "check_metric_names", "known_metrics", "register"]

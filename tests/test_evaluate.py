@@ -173,3 +173,17 @@ def test_two_ranks_give_the_single_process_numbers(trained, shards, tmp_path):
     assert dist["protocol"]["metrics"]["fd_clip"]["generated_images"] == 16
     for key in CORE_KEYS:
         assert dist[key] == pytest.approx(single[key], rel=1e-4, abs=1e-4), key
+
+
+def test_demo_held_out_prompts_score_prompt_fidelity(trained, shards):
+    pytest.importorskip("galip.demo_data", reason="galip.demo_data (the procedural renderer) is not in this tree yet")
+    tmp, _, ckpt, _ = trained
+    opts = overrides(tmp, shards, "eval.prompt_source=demo_held_out", "eval.metrics=[prompt_fidelity, r_precision]")
+    result = run(load_config("params.yaml", opts, profile="demo"), ckpt)
+    keys = {"prompt_fidelity", *(f"prompt_fidelity_{a}" for a in ("shape", "colour", "position", "size", "count"))}
+    assert keys | {"r_precision", "protocol"} == set(result)
+    assert 0 <= result["prompt_fidelity"] <= 100
+    # an untrained generator does not draw the prompted scenes
+    assert result["prompt_fidelity"] < 50
+    proto = result["protocol"]["metrics"]["prompt_fidelity"]
+    assert min(proto["decoder_accuracy_on_renders"].values()) >= 0.95

@@ -208,3 +208,49 @@ def test_top1_hit_is_perfect_for_matching_embeddings_and_chance_for_random():
     assert all(matched)
     assert 0.02 < sum(rand) / 200 < 0.25  # chance is 1 in 10
     assert not top1_hit(pool[0], torch.stack([pool[0], pool[0]]), 0, torch.tensor([1]))  # a tie is a miss
+
+
+# --- prompt fidelity (demo scenes) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    pytest.importorskip("galip.demo_data", reason="galip.demo_data (the procedural renderer) is not in this tree yet")
+    from galip.metrics.prompt_fidelity import SceneDecoder
+
+    return SceneDecoder.calibrate(64)
+
+
+def test_decoder_reads_rendered_scenes(decoder):
+    accuracy = decoder.accuracy_on_renders(64, n=200, seed=7)  # scenes it was not calibrated on
+    assert all(acc >= 0.95 for acc in accuracy.values()), accuracy
+
+
+def test_decoder_is_near_chance_on_noise(decoder):
+    from galip import demo_data
+    from galip.metrics.prompt_fidelity import ATTRIBUTES, _random_attrs, attribute_matches
+
+    rng = np.random.default_rng(3)
+    hits = {a: 0 for a in ATTRIBUTES}
+    n = 100
+    for _ in range(n):
+        target = _random_attrs(demo_data, rng)
+        got = attribute_matches(decoder.decode(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), target)
+        for a in ATTRIBUTES:
+            hits[a] += bool(got[a])
+    values = {"shape": demo_data.SHAPES, "colour": demo_data.COLOURS, "position": demo_data.POSITIONS,
+              "size": demo_data.SIZES, "count": demo_data.COUNTS}
+    for a in ATTRIBUTES:
+        assert hits[a] / n <= 1 / len(list(values[a])) + 0.15, (a, hits[a])
+
+
+def test_unstated_attributes_are_not_scored():
+    from galip.metrics.prompt_fidelity import attribute_matches
+
+    class Wanted:
+        shape, colour, position, size, count = "circle", "red", None, None, 1
+
+    decoded = {"shape": "circle", "colour": "blue", "position": "left", "size": "small", "count": 1}
+    assert attribute_matches(decoded, Wanted()) == {
+        "shape": True, "colour": False, "position": None, "size": None, "count": True
+    }

@@ -146,12 +146,58 @@ class EvalConfig(_Section):
         return tuple(v) if isinstance(v, list) else v
 
 
+class Toleration(_Section):
+    """A Kubernetes pod toleration (GPU node pools are usually tainted so only GPU work lands there)."""
+
+    key: str = ""
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str = ""
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+
+
+class KubeConfig(_Section):
+    """Kubernetes placement of the training run (galip.kube renders it; infra/ deploys the cluster side).
+
+    nodes = 1 trains inside the Prefect flow-run pod; nodes > 1 makes the train task submit an Indexed
+    Job whose pods rendezvous through c10d. Names here must match infra/ (pool, secrets, PVC).
+    """
+
+    image: str = Field("ghcr.io/galip-mlops/galip:0.1.0", description="training image (infra/docker/Dockerfile)")
+    namespace: str = "galip"
+    work_pool: str = Field("galip-k8s", description="Prefect Kubernetes work pool (infra/prefect/base-job-template.json)")
+    nodes: int = Field(1, gt=0, description="pods (machines); > 1 = multi-node Indexed Job")
+    gpus_per_node: int = Field(8, gt=0, description="torchrun --nproc-per-node and nvidia.com/gpu per pod")
+    cpu_per_node: str = Field("64", description="CPU request per pod (data loading + CLIP text encoding)")
+    memory_per_node: str = Field("480Gi", description="memory request = limit per pod")
+    shm_size: str = Field("64Gi", description="/dev/shm size; DataLoader workers pass batches through it")
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: tuple[Toleration, ...] = (Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),)
+    service_account: str = Field("galip-flow-runner", description="infra/k8s/rbac.yaml")
+    s3_secret: str = Field("galip-s3", description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ optional AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)")
+    mlflow_tracking_uri: str = "http://mlflow.galip.svc.cluster.local:5000"
+    runs_pvc: str = Field("galip-runs", description="ReadWriteMany PVC shared by all pods: every rank loads the checkpoint rank 0 picked")
+    runs_mount: str = "/mnt/runs"
+    rdzv_port: int = Field(29400, gt=0, lt=65536)
+    rdzv_join_timeout: int = Field(1800, gt=0, description="seconds to wait for all pods (GPU node scale-up, image pulls)")
+    max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: in-place worker-group restarts per pod")
+    backoff_limit: int = Field(6, ge=0, description="Job pod failures (not counting preemptions) before the run fails")
+    ttl_seconds_after_finished: int = Field(7 * 86400, ge=0)
+    cluster_domain: str = "cluster.local"
+    env: dict[str, str] = Field(default_factory=dict, description="extra container env (e.g. NCCL_SOCKET_IFNAME)")
+
+    @field_validator("tolerations", mode="before")
+    @classmethod
+    def _tolerations(cls, v: Any) -> Any:
+        return tuple(Toleration.model_validate(t) if isinstance(t, dict) else t for t in v) if isinstance(v, list) else v
+
+
 class Config(_Section):
     profile: str = "cc12m"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    kube: KubeConfig = KubeConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -176,7 +176,10 @@ class KubeConfig(_Section):
     s3_secret: str = Field("galip-s3", description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ optional AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)")
     mlflow_tracking_uri: str = "http://mlflow.galip.svc.cluster.local:5000"
     runs_pvc: str = Field("galip-runs", description="ReadWriteMany PVC shared by all pods: every rank loads the checkpoint rank 0 picked")
-    runs_mount: str = "/mnt/runs"
+    # The image's WORKDIR with the PVC mounted at <workdir>/runs: the relative train.out_dir
+    # (runs/cc12m) is then the same directory in the flow-run pod and in every Job pod.
+    workdir: str = "/app"
+    runs_mount: str = "/app/runs"
     rdzv_port: int = Field(29400, gt=0, lt=65536)
     rdzv_join_timeout: int = Field(1800, gt=0, description="seconds to wait for all pods (GPU node scale-up, image pulls)")
     max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: in-place worker-group restarts per pod")

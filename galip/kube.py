@@ -16,9 +16,8 @@ flow-run pod itself and needs none of this)::
 ``render_train_job`` is pure (dicts in, dicts out; no cluster, no client import) and returns, in
 creation order:
 
-1. a ConfigMap holding the *resolved* params.yaml (the exact config the caller resolved, with
-   ``train.out_dir`` moved onto the shared volume), so every pod trains the same configuration as
-   the flow decided, whatever params.yaml is baked into the image;
+1. a ConfigMap holding the *resolved* params.yaml (the exact config the caller resolved), so every
+   pod trains the configuration the flow decided, whatever params.yaml is baked into the image;
 2. a headless Service whose name is the pods' ``subdomain``: it gives pod ``i`` the stable DNS name
    ``<job>-<i>.<svc>``, and pod 0 hosts the c10d rendezvous store;
 3. an Indexed Job (``completions = parallelism = nodes``) whose pods each run
@@ -35,8 +34,10 @@ deleted so no GPUs stay allocated; the next run resumes from the latest checkpoi
 Restarts: a crashed worker process is restarted in place by torchrun (``--max-restarts``); a lost
 pod is recreated by the Job controller with the same index (``backoffLimit``; preemptions are not
 counted); every (re)start passes ``--resume``, so training continues from the newest checkpoint in
-``train.out_dir``, which lives on the ReadWriteMany volume ``kube.runs_pvc`` because every rank
-loads the checkpoint that rank 0 picked.
+``train.out_dir``. That directory must be on the ReadWriteMany volume ``kube.runs_pvc`` (mounted
+at ``kube.runs_mount`` = ``<kube.workdir>/runs``, as in the work pool's flow-run pods) because every
+rank loads the checkpoint that rank 0 picked; a relative ``runs/<name>`` is, and is then the same
+directory whether a run trains in the flow-run pod (one node) or in this Job (several).
 """
 
 from __future__ import annotations
@@ -90,34 +91,32 @@ def rendezvous_endpoint(name: str, service: str, namespace: str, port: int, clus
     return f"{name}-0.{service}.{namespace}.svc.{cluster_domain}:{port}"
 
 
-def shared_out_dir(out_dir: str, mount: str) -> str:
-    """train.out_dir placed on the shared volume (relative paths go under the mount)."""
-    root = PurePosixPath(mount)
-    path = PurePosixPath(out_dir)
-    if path.is_relative_to(root):
-        return str(path)
-    parts = [p for p in path.parts if p not in ("/", ".", "..")]
-    if not parts:
-        raise ValueError(f"train.out_dir {out_dir!r} names no directory")
-    return str(root.joinpath(*parts))
+def _under(path: str, workdir: str, mount: str) -> bool:
+    full = PurePosixPath(workdir) / path  # an absolute path replaces workdir
+    return ".." not in full.parts and full.is_relative_to(PurePosixPath(mount))
 
 
-def pod_params(cfg: Config, out_dir: str) -> dict[str, Any]:
+def pod_params(cfg: Config) -> dict[str, Any]:
     """The resolved config as a params.yaml tree that ``load_config`` turns back into the same Config."""
     tree = cfg.to_dict()
-    tree["train"]["out_dir"] = out_dir
     tree["profiles"] = {cfg.profile: {}}
     resolve(tree)  # fail here, not in N pods, if the tree does not load back
     return tree
 
 
-def _check_data_reachable(cfg: Config, mount: str) -> None:
+def _check_paths(cfg: Config) -> None:
+    kube = cfg.kube
+    if not _under(cfg.train.out_dir, kube.workdir, kube.runs_mount):
+        raise ValueError(
+            f"train.out_dir {cfg.train.out_dir!r} is not on the shared volume ({kube.runs_mount}, seen from "
+            f"{kube.workdir}): every pod must see the checkpoints; use a path like runs/<name>"
+        )
     where = cfg.data.shards or cfg.data.shards_dir
-    if "://" in where or where.startswith("pipe:") or where.startswith(mount.rstrip("/") + "/"):
+    if "://" in where or where.startswith("pipe:") or _under(where, kube.workdir, kube.runs_mount):
         return
     raise ValueError(
         f"data.shards/shards_dir is {where!r}: pods of a multi-node Job cannot read the flow-run pod's "
-        f"disk; set data.shards to an s3:// URI (or a path under {mount})"
+        f"disk; set data.shards to an s3:// URI (or a path under {kube.runs_mount})"
     )
 
 
@@ -172,7 +171,8 @@ def _env(cfg: Config, mlflow_tracking_uri: str, mlflow_run_id: str | None) -> li
     ]
     if mlflow_run_id:
         env.insert(2, {"name": "MLFLOW_RUN_ID", "value": mlflow_run_id})
-    taken = {e["name"] for e in env}
+    # MLFLOW_RUN_ID is reserved even when unset: the run is the caller's to name, not the config's.
+    taken = {e["name"] for e in env} | {"MLFLOW_RUN_ID"}
     clash = taken & set(cfg.kube.env)
     if clash:
         raise ValueError(f"kube.env must not redefine {sorted(clash)}: galip.kube sets them")
@@ -214,18 +214,17 @@ def render_train_job(
             "kube.runs_pvc is empty: multi-node training needs a ReadWriteMany volume for train.out_dir "
             "(every rank loads the checkpoint rank 0 picked on resume)"
         )
-    _check_data_reachable(cfg, kube.runs_mount)
+    _check_paths(cfg)
 
     name = job_name(run_id)
     service = name
     params_cm = f"{name}-params"
     labels = {"app.kubernetes.io/name": "galip", "app.kubernetes.io/component": "train", JOB_LABEL: name}
-    out_dir = shared_out_dir(cfg.train.out_dir, kube.runs_mount)
     endpoint = rendezvous_endpoint(name, service, namespace, kube.rdzv_port, kube.cluster_domain)
 
     config_map = _object(
         "v1", "ConfigMap", params_cm, namespace, labels,
-        data={PARAMS_FILE: yaml.safe_dump(pod_params(cfg, out_dir), sort_keys=False)},
+        data={PARAMS_FILE: yaml.safe_dump(pod_params(cfg), sort_keys=False)},
     )  # fmt: skip
     headless = _object(
         "v1", "Service", service, namespace, labels,
@@ -242,6 +241,7 @@ def render_train_job(
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
+        "workingDir": kube.workdir,
         "command": torchrun_command(
             nodes=nodes,
             gpus_per_node=gpus_per_node,
@@ -430,6 +430,23 @@ def follow(
         sleep(poll_s)
 
 
+def _wait_if_terminating(
+    api: KubeAPI, name: str, namespace: str, *, log: Callable[[str], None], poll_s: float, sleep: Callable[[float], None]
+) -> None:
+    """A Job of this name that is being deleted (a cancelled attempt) must be gone before we recreate it."""
+    while True:
+        try:
+            job = api.batch.read_namespaced_job(name=name, namespace=namespace)
+        except Exception as exc:
+            if _api_status(exc) == 404:
+                return
+            raise
+        if job.metadata.deletion_timestamp is None:
+            return  # running or finished: adopted by _create's 409 path
+        log(f"Job {namespace}/{name} is being deleted; waiting before resubmitting")
+        sleep(poll_s)
+
+
 def submit_and_follow(
     resources: Sequence[Resource],
     namespace: str,
@@ -446,6 +463,7 @@ def submit_and_follow(
     if len(jobs) != 1:
         raise ValueError(f"expected exactly one Job among the resources, got {len(jobs)}")
     name = jobs[0]["metadata"]["name"]
+    _wait_if_terminating(api, name, namespace, log=log, poll_s=poll_s, sleep=sleep)
     for res in resources:
         _create(api, res, namespace, log)
     uid = api.batch.read_namespaced_job(name=name, namespace=namespace).metadata.uid
@@ -459,5 +477,7 @@ def submit_and_follow(
     except BaseException:
         # Cancelled, interrupted or timed out: free the GPUs. The next run resumes from the checkpoint.
         log(f"stopping: deleting Job {namespace}/{name}")
-        api.batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Background")
+        # Foreground: the Job object outlives its pods, Service and ConfigMap, so a resubmission under
+        # the same name (rescheduled flow run) can wait for it to vanish and start clean.
+        api.batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Foreground")
         raise

@@ -28,16 +28,19 @@ creation order:
 ``submit_and_follow`` creates them with the official ``kubernetes`` client (an existing resource
 of the same name is adopted, so a retried task re-attaches instead of starting a second run),
 streams pod 0's log, and returns when the Job completes or raises ``TrainJobFailed`` when it fails.
-If the caller is interrupted (Prefect cancellation raises a BaseException in the task) the Job is
-deleted so no GPUs stay allocated; the next run resumes from the latest checkpoint.
+If the caller is interrupted (Prefect cancellation raises a BaseException in the task) or
+``timeout_s`` passes, the Job is deleted so no GPUs stay allocated; the next run resumes from the
+latest checkpoint. If only the API is lost for long, the Job is left running and a retried task
+re-attaches to it by name.
 
 Restarts: a crashed worker process is restarted in place by torchrun (``--max-restarts``); a lost
 pod is recreated by the Job controller with the same index (``backoffLimit``; preemptions are not
 counted); every (re)start passes ``--resume``, so training continues from the newest checkpoint in
 ``train.out_dir``. That directory must be on the ReadWriteMany volume ``kube.runs_pvc`` (mounted
 at ``kube.runs_mount`` = ``<kube.workdir>/runs``, as in the work pool's flow-run pods) because every
-rank loads the checkpoint that rank 0 picked; a relative ``runs/<name>`` is, and is then the same
-directory whether a run trains in the flow-run pod (one node) or in this Job (several).
+rank loads the checkpoint that rank 0 picked. A relative ``runs/<name>`` lands there, and names the
+same directory whether a run trains in the flow-run pod (one node) or in this Job (several), so a
+run may change its node count between restarts and still resume.
 """
 
 from __future__ import annotations
@@ -395,37 +398,49 @@ def follow(
     log: Callable[[str], None] = print,
     poll_s: float = 10.0,
     timeout_s: float | None = None,
+    max_api_errors: int = 30,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str:
-    """Stream pod 0's log until the Job completes ('Complete') or fails (raises TrainJobFailed)."""
+    """Stream pod 0's log until the Job completes ('Complete') or fails (raises TrainJobFailed).
+
+    The Job's status is the truth; the log is best effort. API hiccups (a multi-day run sees
+    API-server restarts) are retried; ``max_api_errors`` consecutive failures re-raise the last one.
+    """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stream_ended: dict[str, float] = {}  # pod uid -> when its log stream last ended
+    errors = 0
     while True:
-        job = api.batch.read_namespaced_job_status(name=name, namespace=namespace)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"Job {namespace}/{name} still running after {timeout_s} s")
+        try:
+            job = api.batch.read_namespaced_job_status(name=name, namespace=namespace)
+            pod = _leader_pod(api, name, namespace)
+            errors = 0
+        except Exception as exc:
+            errors += 1
+            if errors >= max_api_errors:
+                raise
+            log(f"Kubernetes API error while following {name} ({type(exc).__name__}: {exc}); retrying")
+            sleep(poll_s)
+            continue
         state = job_state(job)
         if state == "Complete":
             return state
         if state == "Failed":
             reasons = [f"{c.reason}: {c.message}" for c in job.status.conditions if c.type == "Failed"]
             raise TrainJobFailed(f"Job {namespace}/{name} failed: {'; '.join(reasons)}")
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"Job {namespace}/{name} still running after {timeout_s} s")
-        pod = _leader_pod(api, name, namespace)
         phase = pod.status.phase if pod is not None else None
         uid = pod.metadata.uid if pod is not None else ""
-        # A stream that ended while the pod still runs (API connection reset) is resumed, not replayed.
+        # A stream that ended while the pod still runs (connection reset) is resumed, not replayed.
         if phase == "Running" or (phase in ("Succeeded", "Failed") and uid not in stream_ended):
             since = int(time.monotonic() - stream_ended[uid]) + 1 if uid in stream_ended else None
             try:
                 for line in _log_lines(api, pod.metadata.name, namespace, since):
                     log(line)
-            except Exception as exc:
-                if _api_status(exc) is None:
-                    raise
-                log(f"log stream of {pod.metadata.name} interrupted ({_api_status(exc)}); retrying")
+            except Exception as exc:  # noqa: BLE001 - the log is best effort, the Job status decides
+                log(f"log stream of {pod.metadata.name} interrupted ({type(exc).__name__}: {exc}); retrying")
             stream_ended[uid] = time.monotonic()
-            if phase == "Running":
-                sleep(min(poll_s, 1.0))
+            sleep(min(poll_s, 1.0))
             continue
         sleep(poll_s)
 
@@ -474,10 +489,19 @@ def submit_and_follow(
         return follow(api, name, namespace, log=log, poll_s=poll_s, timeout_s=timeout_s, sleep=sleep)
     except TrainJobFailed:
         raise  # keep the failed Job and its pods for `kubectl describe`/logs; the TTL removes them
-    except BaseException:
-        # Cancelled, interrupted or timed out: free the GPUs. The next run resumes from the checkpoint.
-        log(f"stopping: deleting Job {namespace}/{name}")
-        # Foreground: the Job object outlives its pods, Service and ConfigMap, so a resubmission under
-        # the same name (rescheduled flow run) can wait for it to vanish and start clean.
-        api.batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Foreground")
+    except TimeoutError:
+        _stop(api, name, namespace, log)
         raise
+    except Exception:
+        raise  # we lost the API, not the run: it keeps training and a retried task re-attaches by name
+    except BaseException:
+        # Cancelled or interrupted (Prefect raises TerminationSignal in the task): free the GPUs.
+        _stop(api, name, namespace, log)
+        raise
+
+
+def _stop(api: KubeAPI, name: str, namespace: str, log: Callable[[str], None]) -> None:
+    log(f"stopping: deleting Job {namespace}/{name}; the next run resumes from the latest checkpoint")
+    # Foreground: the Job object outlives its pods, Service and ConfigMap, so a resubmission under
+    # the same name (rescheduled flow run) waits for it to vanish and starts clean.
+    api.batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Foreground")

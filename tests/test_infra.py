@@ -371,7 +371,10 @@ class FakeAPI:
         self.calls.append(("patch", "Service", name, body["metadata"]["ownerReferences"][0]["uid"]))
 
     def read_namespaced_job_status(self, name, namespace):
-        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if isinstance(state, Exception):
+            raise state
+        return state
 
     def list_namespaced_pod(self, namespace, label_selector):
         assert label_selector.startswith(kube.JOB_LABEL + "=")
@@ -380,7 +383,10 @@ class FakeAPI:
     def read_namespaced_pod_log(self, name, namespace, container, follow, _preload_content, **kw):
         assert container == kube.CONTAINER and follow and _preload_content is False
         self.calls.append(("log", name))
-        return FakeLogResponse(self.logs.get(name, ""))
+        text = self.logs.get(name, "")
+        if isinstance(text, Exception):
+            raise text
+        return FakeLogResponse(text)
 
     def delete_namespaced_job(self, name, namespace, propagation_policy):
         self.calls.append(("delete", name, propagation_policy))
@@ -431,6 +437,28 @@ def test_interrupt_deletes_the_job(rendered):
 
     with pytest.raises(KeyboardInterrupt):
         run_follow(api, rendered, log=interrupted)
+    assert ("delete", name, "Foreground") in api.calls
+
+
+def test_api_hiccups_do_not_end_the_run(rendered):
+    pods = [_pod("p0", "0", "Running", 0)]
+    states = [ApiException(status=503, reason="Unavailable"), _job(), _job(("Complete", "Completed"))]
+    api = FakeAPI(states=states, pods=pods, logs={"p0": ConnectionResetError("reset by peer")})
+    result, lines = run_follow(api, rendered)
+    assert result == "Complete"
+    assert any("API error" in line for line in lines) and any("interrupted" in line for line in lines)
+    assert not [c for c in api.calls if c[0] == "delete"]
+
+
+def test_losing_the_api_leaves_the_run_but_a_timeout_stops_it(rendered):
+    name = rendered[2]["metadata"]["name"]
+    api = FakeAPI(states=[ApiException(status=503, reason="Unavailable")], pods=[], logs={})
+    with pytest.raises(ApiException):
+        run_follow(api, rendered)
+    assert not [c for c in api.calls if c[0] == "delete"], "training must survive the follower losing the API"
+    api = FakeAPI(states=[_job()], pods=[], logs={})
+    with pytest.raises(TimeoutError):
+        run_follow(api, rendered, timeout_s=0)
     assert ("delete", name, "Foreground") in api.calls
 
 

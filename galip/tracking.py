@@ -55,6 +55,8 @@ class Tracker:
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if self._client is None:
+            return
         from mlflow.entities import Param
 
         flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
@@ -62,8 +64,11 @@ class Tracker:
             self._guard("log_params", self._client.log_batch, self.run_id, params=flat[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
+        if self._client is None:
+            return
         import time
+
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]

@@ -1,0 +1,266 @@
+"""Training data: webdataset shards -> augmented images in [-1, 1] + tokenised captions.
+
+A pipeline of webdataset stages (open_clip / StyleGAN-T style): shard list (resampled, or split by
+node and by worker) -> tar members -> shuffle buffer -> decode + reference augmentation + one random
+caption -> tokenise -> batch. Corrupt samples are skipped and counted, never a crash or a silent drop:
+each DataLoader worker counts what it skipped and the counts ride along with its batches to the
+main process, where ``LoaderStats`` sums them.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .config import DataConfig
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "caption")
+
+
+class ShardSplitError(ValueError):
+    """Non-resampled shards cannot be split evenly across ranks x workers (DDP would hang)."""
+
+
+@dataclass
+class LoaderStats:
+    """Skipped-sample counts summed over DataLoader workers (latest cumulative count per worker)."""
+
+    per_worker: dict[int, Counter] = field(default_factory=dict)
+
+    def update(self, worker: int, counts: dict[str, int]) -> None:
+        self.per_worker[worker] = Counter(counts)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for c in self.per_worker.values():
+            total.update(c)
+        return dict(total)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+
+class _SkipCounter:
+    """Per-worker counter; also the webdataset error handler (count, then continue)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def skip(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+    def handler(self, exn: Exception) -> bool:
+        self.skip(type(exn).__name__)
+        return True
+
+
+# --- shard discovery ------------------------------------------------------------------------------
+def _s3_filesystem(endpoint_url: str = ""):
+    import os
+
+    import fsspec
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
+    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+
+
+def _register_s3_gopen(endpoint_url: str) -> None:
+    """Let webdataset open s3:// shards through s3fs (endpoint configurable for S3-compatibles)."""
+    import webdataset as wds
+
+    def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
+        return _s3_filesystem(endpoint_url).open(url, mode, block_size=max(bufsize, 2**22))
+
+    wds.gopen_schemes["s3"] = gopen_s3
+
+
+def resolve_shards(data_cfg: DataConfig, shards: str | None = None) -> list[str]:
+    """Shard URLs from ``shards`` / ``data.shards`` (brace pattern, .tar, folder) or ``data.shards_dir``."""
+    from braceexpand import braceexpand
+
+    spec = shards or data_cfg.shards or data_cfg.shards_dir
+    if "{" in spec:
+        urls = list(braceexpand(spec))
+    elif spec.endswith(".tar"):
+        urls = [spec]
+    elif spec.startswith("s3://"):
+        fs = _s3_filesystem(data_cfg.s3_endpoint_url)
+        urls = sorted(f"s3://{p}" for p in fs.glob(spec.rstrip("/") + "/*.tar"))
+    else:
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"no .tar shards at {spec!r} (data.shards / data.shards_dir): run `galip download` first")
+    return urls
+
+
+# --- per-sample work ----------------------------------------------------------------------------------
+def augment(img: Image.Image, data_cfg: DataConfig, rng: random.Random) -> torch.Tensor:
+    """Reference augmentation: resize (shorter side) -> random crop -> horizontal flip -> [-1, 1]."""
+    import torchvision.transforms.functional as TF
+
+    img = img.convert("RGB")
+    img = TF.resize(img, data_cfg.load_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    w, h = img.size
+    c = data_cfg.crop_size
+    top, left = rng.randint(0, h - c), rng.randint(0, w - c)
+    img = TF.crop(img, top, left, c, c)
+    if data_cfg.hflip and rng.random() < 0.5:
+        img = TF.hflip(img)
+    return TF.to_tensor(img) * 2.0 - 1.0
+
+
+def _caption(sample: dict[str, Any], rng: random.Random) -> str | None:
+    for key in CAPTION_KEYS:
+        raw = sample.get(key)
+        if raw:
+            lines = [ln.strip() for ln in raw.decode("utf-8", "replace").splitlines() if ln.strip()]
+            if lines:
+                return rng.choice(lines)  # several captions per image (COCO-style): one at random
+    return None
+
+
+def _prepare(src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _SkipCounter, seed: int) -> Iterator[tuple]:
+    from webdataset.utils import pytorch_worker_info
+
+    rank, _, worker, _ = pytorch_worker_info()
+    rng = random.Random(seed * 7_919 + rank * 131 + worker)
+    for sample in src:
+        caption = _caption(sample, rng)
+        if caption is None:
+            counter.skip("missing_caption")
+            continue
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            counter.skip("missing_image")
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = augment(img, data_cfg, rng)
+        except Exception as exn:  # truncated / corrupt encodings: count, keep going
+            counter.skip(f"bad_image:{type(exn).__name__}")
+            continue
+        yield image, tokenizer([caption])[0], caption
+
+
+def _shuffle(src: Iterator, bufsize: int, seed: int) -> Iterator:
+    """Seeded shuffle buffer (webdataset's default seeds from pid + time, which breaks exact resume)."""
+    from webdataset.utils import pytorch_worker_info
+
+    if bufsize <= 1:
+        yield from src
+        return
+    rank, _, worker, _ = pytorch_worker_info()
+    rng = random.Random(seed * 104_729 + rank * 1_009 + worker)
+    buf: list = []
+    for item in src:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        k = rng.randrange(len(buf))
+        buf[k], item = item, buf[k]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iterator[tuple]:
+    from webdataset.utils import pytorch_worker_info
+
+    _, _, worker, _ = pytorch_worker_info()
+    items: list[tuple] = []
+    for item in src:
+        items.append(item)
+        if len(items) == batch_size:
+            images, tokens, captions = zip(*items)
+            yield torch.stack(images), torch.stack(tokens), list(captions), worker, dict(counter.counts)
+            items = []
+    # a partial last batch is dropped: batches must stack and every rank must take equal steps
+
+
+# --- the loader ------------------------------------------------------------------------------------------
+class Loader:
+    """Iterable of (images, tokens, captions); updates ``stats`` as batches arrive."""
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats) -> None:
+        self.dataloader, self.stats = dataloader, stats
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        for images, tokens, captions, worker, counts in self.dataloader:
+            self.stats.update(int(worker), counts)
+            yield images, tokens, captions
+
+
+def check_even_split(n_shards: int, world_size: int, workers: int) -> None:
+    parts = world_size * max(workers, 1)
+    if n_shards % parts:
+        raise ShardSplitError(
+            f"{n_shards} shards cannot be split evenly over {world_size} ranks x {max(workers, 1)} workers "
+            f"({parts} parts): ranks would take different numbers of steps and DDP would hang. Use "
+            "data.resampled=true, or re-shard to a multiple of ranks x workers, or change data.workers."
+        )
+
+
+def build_loader(
+    data_cfg: DataConfig,
+    tokenize: Callable[[Sequence[str]], torch.Tensor],
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shards: str | None = None,
+) -> tuple[Loader, LoaderStats]:
+    """A DataLoader over the shards: endless with ``data.resampled``, else one pass split over ranks."""
+    import webdataset as wds
+
+    urls = resolve_shards(data_cfg, shards)
+    if any(u.startswith("s3://") for u in urls):
+        _register_s3_gopen(data_cfg.s3_endpoint_url)
+    counter = _SkipCounter()
+    if data_cfg.resampled:
+        # Every rank and worker draws shards with replacement from its own seeded stream: no
+        # divisibility constraint and every rank takes the same number of steps.
+        source = [wds.ResampledShards(urls, seed=seed + rank * 1_000_003, deterministic=True)]
+    else:
+        check_even_split(len(urls), world_size, data_cfg.workers)
+        source = [wds.SimpleShardList(urls), _split_by_rank(rank, world_size), wds.split_by_worker]
+    stages = [
+        *source,
+        wds.tarfile_to_samples(handler=counter.handler),
+        lambda src: _shuffle(src, data_cfg.shuffle_buffer, seed),
+        lambda src: _prepare(src, data_cfg, tokenize, counter, seed),
+        lambda src: _batch(src, batch_size, counter),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    dataloader = torch.utils.data.DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=data_cfg.workers,
+        # a dedicated generator: worker seeding must not consume (or depend on) the global RNG
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    stats = LoaderStats()
+    return Loader(dataloader, stats), stats
+
+
+def _split_by_rank(rank: int, world_size: int):
+    """split_by_node with the rank given explicitly (the trainer knows it; no process group needed)."""
+    from itertools import islice
+
+    def split(src):
+        yield from islice(src, rank, None, world_size)
+
+    return split

@@ -24,6 +24,10 @@ def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
     return Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     d = Path(ckpt_dir)
     if not d.is_dir():
@@ -91,7 +95,12 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=No
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    clip = clip if clip is not None else clip_from_config(cfg.model)
+    if clip is None:
+        # A random-weight CLIP (model.clip_pretrained '') is not stored: the trainer created it right
+        # after torch.manual_seed(train.seed), so the same seed recreates the very same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            clip = clip_from_config(cfg.model)
     clip = clip.to(device)
     net_g = NetG(cfg.model, clip)
     net_g.load_state_dict(ckpt["netG"])

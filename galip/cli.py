@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -89,7 +90,8 @@ def train(
     from .train import run
 
     result = run(cfg, resume=resume)
-    typer.echo(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps(result))
 
 
 @app.command()

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
+from .storage import s3_filesystem
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption")
@@ -65,21 +66,12 @@ class _SkipCounter:
 
 
 # --- shard discovery ------------------------------------------------------------------------------
-def _s3_filesystem(endpoint_url: str = ""):
-    import os
-
-    import fsspec
-
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
-    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {})
-
-
 def _register_s3_gopen(endpoint_url: str) -> None:
     """Let webdataset open s3:// shards through s3fs (endpoint configurable for S3-compatibles)."""
     import webdataset as wds
 
     def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
-        return _s3_filesystem(endpoint_url).open(url, mode, block_size=max(bufsize, 2**22))
+        return s3_filesystem(endpoint_url).open(url, mode, block_size=max(bufsize, 2**22))
 
     wds.gopen_schemes["s3"] = gopen_s3
 
@@ -94,7 +86,7 @@ def resolve_shards(data_cfg: DataConfig, shards: str | None = None) -> list[str]
     elif spec.endswith(".tar"):
         urls = [spec]
     elif spec.startswith("s3://"):
-        fs = _s3_filesystem(data_cfg.s3_endpoint_url)
+        fs = s3_filesystem(data_cfg.s3_endpoint_url)
         urls = sorted(f"s3://{p}" for p in fs.glob(spec.rstrip("/") + "/*.tar"))
     else:
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))

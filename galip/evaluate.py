@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import latest_checkpoint, load_generator
-from .clip import ClipWeightsError, FrozenCLIP, clip_from_config, load_clip
-from .config import Config, ConfigError, EvalConfig, config_from_dict
+from .clip import ClipWeightsError, FrozenCLIP, load_clip
+from .config import Config, ConfigError, EvalConfig
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .generate import generate_images, latents
 from .models import NetG
@@ -48,22 +48,9 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
 
 
 def load_eval_generator(path: Path, device: torch.device) -> tuple[NetG, FrozenCLIP, Config, int]:
-    """(NetG, training CLIP, the checkpoint's config, step).
-
-    A random-weight training CLIP (``model.clip_pretrained: ''``, the demo) is not stored in the
-    checkpoint: the trainer creates it right after ``torch.manual_seed(train.seed)``, so it is
-    recreated here the same way, or the generator would be scored against a different CLIP.
-    """
-    head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    ckpt_cfg = config_from_dict(head["config"])
-    step = int(head.get("step", 0))
-    del head
-    clip = None
-    if not ckpt_cfg.model.clip_pretrained:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ckpt_cfg.train.seed)
-            clip = clip_from_config(ckpt_cfg.model)
-    net_g, clip, _ = load_generator(path, device, clip=clip)
+    """(NetG, the training CLIP, the checkpoint's config, step)."""
+    net_g, clip, ckpt_cfg = load_generator(path, device)
+    step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
     return net_g, clip, ckpt_cfg, step
 
 

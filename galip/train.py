@@ -24,7 +24,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import losses
-from .checkpoint import capture_rng, checkpoint_path, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from . import storage
+from .checkpoint import (
+    capture_rng,
+    checkpoint_path,
+    is_checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .clip import FrozenCLIP, clip_from_config
 from .config import Config
 from .distributed import DistEnv, barrier, cleanup, init_distributed
@@ -341,12 +350,40 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
     return path
 
 
-def _resume_point(ckpt_dir: Path, env: DistEnv) -> Path | None:
-    """Rank 0 picks the checkpoint; every rank resumes from the same one."""
-    choice = [str(latest_checkpoint(ckpt_dir) or "") if env.is_main else None]
+def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
+    """Rank 0 picks the newest checkpoint, local or in ``train.checkpoint_uri``; every rank resumes from it.
+
+    A rank whose machine lacks the file (another node, a fresh pod) fetches it from the object store.
+    """
+    uri, endpoint = cfg.train.checkpoint_uri, cfg.data.s3_endpoint_url
+    choice = [""]
+    if env.is_main:
+        local = latest_checkpoint(ckpt_dir)
+        names = [local.name] if local else []
+        if uri:
+            names += [n for n in storage.list_names(uri, endpoint) if is_checkpoint_name(n)]
+        choice = [max(names, default="")]
     if env.distributed:
         dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    if not choice[0]:
+        return None
+    path = ckpt_dir / choice[0]
+    if not path.exists():
+        storage.download(f"{uri.rstrip('/')}/{choice[0]}", path, endpoint)
+        log.info("fetched %s from %s", choice[0], uri)
+    barrier(env)
+    return path
+
+
+def _publish(cfg: Config, path: Path) -> None:
+    """Upload a checkpoint after its atomic local write; a failed upload is loud but not fatal."""
+    if not cfg.train.checkpoint_uri:
+        return
+    uri = f"{cfg.train.checkpoint_uri.rstrip('/')}/{path.name}"
+    try:
+        storage.upload(path, uri, cfg.data.s3_endpoint_url)
+    except Exception as exc:  # noqa: BLE001 - the local checkpoint still exists; training goes on
+        log.error("upload of %s to %s failed (%s: %s); resume will use the local copy", path.name, uri, type(exc).__name__, exc)
 
 
 def run(cfg: Config, resume: bool = False, max_steps: int | None = None, clip: FrozenCLIP | None = None) -> dict[str, Any]:
@@ -368,7 +405,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
     tracker = Tracker(enabled=env.is_main)
     trainer = Trainer.create(cfg, env, clip)
-    start = _resume_point(ckpt_dir, env)
+    start = _resume_point(cfg, ckpt_dir, env)
     if start is not None and not resume:
         raise FileExistsError(
             f"{ckpt_dir} already holds checkpoints (latest {start.name}); pass --resume to continue, "
@@ -407,6 +444,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         if step % cfg.train.ckpt_every == 0 or step == max_steps:
             path = trainer.save(ckpt_dir)
             if path is not None:
+                _publish(cfg, path)
                 result["checkpoint"] = str(path)
             barrier(env)
     bar.close()

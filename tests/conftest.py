@@ -47,3 +47,45 @@ def torch_home_with_inception(tmp_path, monkeypatch) -> Path:
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     return write_random_inception_weights(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port with dummy credentials; yields the endpoint URL."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    # Dummy credentials, or boto3 walks the provider chain up to the cloud metadata address.
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the loopback S3 server; yields (endpoint_url, bucket name)."""
+    import uuid
+
+    import boto3
+
+    name = f"galip-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return s3_server, name

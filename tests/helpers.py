@@ -13,7 +13,9 @@ from galip.config import Config, load_config
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
-def write_shards(out_dir: Path, n_samples: int = 48, per_shard: int = 12, size: int = 64, seed: int = 0) -> Path:
+def write_shards(
+    out_dir: Path, n_samples: int = 48, per_shard: int = 12, size: int = 64, seed: int = 0, unique: bool = False
+) -> Path:
     """JPEG + caption samples (a coloured square on the left or right) as tar shards."""
     import webdataset as wds
 
@@ -28,7 +30,8 @@ def write_shards(out_dir: Path, n_samples: int = 48, per_shard: int = 12, size: 
             img[size // 3 : size // 3 + size // 3, x0 : x0 + size // 3] = COLOURS[colour]
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=95)
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": f"a {colour} square on the {side}"})
+            caption = f"a {colour} square on the {side}" + (f", sample {i}" if unique else "")
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": caption})
     return out_dir
 
 

@@ -47,7 +47,7 @@ def _train_cmd(tmp: Path, shards: Path, *extra: str, restarts: int = 0) -> list[
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     # unique captions so the split test can tell samples apart
-    return write_shards(tmp_path_factory.mktemp("dshards"), n_samples=32, per_shard=8)
+    return write_shards(tmp_path_factory.mktemp("dshards"), n_samples=32, per_shard=8, unique=True)
 
 
 def test_two_processes_keep_identical_replicas(tmp_path, shards):
@@ -67,10 +67,10 @@ def test_ranks_see_disjoint_data(tmp_path, shards):
            str(TESTS / "dist_probe.py"), str(tmp_path), str(shards), str(out)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rank0, rank1 = (set(s) for s in json.loads(out.read_text()))
-    keys0 = json.loads(out.read_text())[0]
-    assert len(keys0) == len(rank0)  # no sample twice within a rank
-    assert rank0 and rank1 and not rank0 & rank1
+    seen0, seen1 = json.loads(out.read_text())
+    assert len(seen0) == len(set(seen0)) == 16 and len(seen1) == len(set(seen1)) == 16  # each once
+    assert not set(seen0) & set(seen1)  # disjoint ...
+    assert len(set(seen0) | set(seen1)) == 32  # ... and together they cover the data set
 
 
 def _worker_pids(parent: psutil.Process) -> list[psutil.Process]:
@@ -101,7 +101,7 @@ def test_killed_worker_restarts_and_resumes_to_the_same_weights(tmp_path, shards
             proc.kill()
         log.close()
     text = (tmp_path / "killed.log").read_text()
-    assert "SIGKILL" in text or "exitcode" in text.lower() or "restart" in text.lower(), text[-3000:]
+    assert "exitcode: -9" in text, text[-3000:]  # torchrun saw the kill and restarted the group
     a = load_checkpoint(tmp_path / "straight/checkpoints/ckpt_00000010.pt")
     b = load_checkpoint(run_dir / "checkpoints/ckpt_00000010.pt")
     for name in ("netG", "netD", "netC"):

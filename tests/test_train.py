@@ -103,3 +103,22 @@ def test_generate_cli_writes_grid_and_interpolation(tmp_path, shards):
 def test_generate_names_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])
+
+
+def test_checkpoints_upload_to_s3_and_a_fresh_machine_resumes_from_there(tmp_path, shards, s3_bucket):
+    endpoint, bucket = s3_bucket
+    remote = [f"train.checkpoint_uri=s3://{bucket}/runs/demo", f"data.s3_endpoint_url={endpoint}"]
+    straight = tiny_config(tmp_path / "a", shards, "train.max_steps=4")
+    run(straight)
+
+    first_machine = tiny_config(tmp_path / "b", shards, "train.max_steps=4", *remote)
+    run(first_machine, max_steps=2)
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == ["runs/demo/ckpt_00000002.pt"]
+
+    # a new pod: empty local disk, same checkpoint_uri -> fetches step 2 and finishes bit-identically
+    fresh = tiny_config(tmp_path / "c", shards, "train.max_steps=4", *remote)
+    assert run(fresh, resume=True)["step"] == 4
+    _assert_bitwise_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _state(tmp_path / "c/run/checkpoints/ckpt_00000004.pt"))

@@ -95,6 +95,21 @@ def train(
 
 
 @app.command()
+def download(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Download data.url_list into webdataset shards (img2dataset); write the data report and shard manifest."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .download import run
+
+    report = run(cfg)
+    typer.echo(json.dumps({k: report[k] for k in ("successes", "failed", "shards", "manifest", "manifest_hash")}))
+
+
+@app.command()
 def generate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="training checkpoint (.pt)")],
     prompt: Annotated[list[str], typer.Option("--prompt", help="text prompt (repeatable: one grid row each)")],

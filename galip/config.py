@@ -51,6 +51,10 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0)
     resampled: bool = True
     s3_endpoint_url: str = ""
+    # demo source: > 0 generates that many procedural scenes (galip.demo_data) and serves them locally
+    demo_images: int = Field(0, ge=0)
+    demo_seed: int = 0
+    demo_broken: bool = Field(False, description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataConfig":

@@ -1,0 +1,332 @@
+"""URL + caption lists -> webdataset shards with img2dataset, plus a data report and a shard manifest.
+
+    galip download --profile demo      # builds the demo scenes, serves them on 127.0.0.1, downloads
+    galip download --profile cc12m     # data/cc12m/cc12m.tsv as CC12M publishes it
+
+Steps: (1) stream the list into parquet parts ourselves (CC12M's TSV has no header and captions that
+start with a quote, which img2dataset's CSV reader silently merges with the next row), counting
+malformed rows with their line numbers; (2) img2dataset in incremental mode (an interrupted run
+redoes only unfinished shards); (3) aggregate img2dataset's per-shard stats into a report; (4) a
+manifest (shard, samples, sha256, bytes): at CC12M scale that small file is what DVC versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import Config, DataConfig
+
+log = logging.getLogger("galip.download")
+
+PART_ROWS = 1_000_000  # rows per parquet part: bounds memory in img2dataset's reader
+MAX_REPORTED_LINES = 100
+
+
+@dataclass
+class ListStats:
+    rows: int = 0
+    malformed: int = 0
+    malformed_lines: list[int] = field(default_factory=list)
+
+    def bad(self, line_no: int) -> None:
+        self.malformed += 1
+        if len(self.malformed_lines) < MAX_REPORTED_LINES:
+            self.malformed_lines.append(line_no)
+
+
+# --- (1) the URL list -------------------------------------------------------------------------------
+def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[str, str]]:
+    """url<TAB>caption rows, no header, no quoting: every other shape is malformed and counted."""
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2 or not fields[0].strip():
+                stats.bad(line_no)
+                continue
+            stats.rows += 1
+            yield fields[0].strip(), fields[1]
+
+
+def _parquet_rows(path: Path, url_col: str, caption_col: str, stats: ListStats) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    missing = {url_col, caption_col} - set(pf.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{path}: columns {sorted(missing)} not found (data.url_col / data.caption_col; has {pf.schema_arrow.names})")
+    line_no = 0
+    for batch in pf.iter_batches(batch_size=65_536, columns=[url_col, caption_col]):
+        for url, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            line_no += 1
+            if not url:
+                stats.bad(line_no)
+                continue
+            stats.rows += 1
+            yield url, caption or ""
+
+
+def _write_parts(rows: Iterator[tuple[str, str]], out_dir: Path) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    parts: list[Path] = []
+    urls: list[str] = []
+    caps: list[str] = []
+
+    def flush() -> None:
+        path = out_dir / f"part-{len(parts):05d}.parquet"
+        pq.write_table(pa.table({"url": urls, "caption": caps}), path)
+        parts.append(path)
+        urls.clear()
+        caps.clear()
+
+    for url, caption in rows:
+        urls.append(url)
+        caps.append(caption)
+        if len(urls) == PART_ROWS:
+            flush()
+    if urls or not parts:
+        flush()
+    return parts
+
+
+def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refused_url: str = "") -> ListStats:
+    """Stream ``data.url_list`` (TSV or parquet) into parquet parts under ``out_dir``.
+
+    ``base_url`` resolves relative URLs (the demo list) against the local HTTP server.
+    """
+    from .demo_data import REFUSED_PREFIX
+
+    src = Path(data.url_list)
+    if not src.exists():
+        raise FileNotFoundError(f"data.url_list={src} does not exist (CC12M: download cc12m.tsv yourself and put it there)")
+    stats = ListStats()
+    if src.suffix == ".parquet":
+        rows = _parquet_rows(src, data.url_col, data.caption_col, stats)
+    else:
+        rows = _tsv_rows(src, stats)
+
+    def resolve(it: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        for url, caption in it:
+            if url.startswith(REFUSED_PREFIX):
+                url = f"{refused_url}/{url[len(REFUSED_PREFIX):]}"
+            elif "://" not in url and base_url:
+                url = f"{base_url}/{url}"
+            yield url, caption
+
+    _write_parts(resolve(rows), out_dir)
+    return stats
+
+
+# --- the demo's local HTTP source ------------------------------------------------------------------------
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(path: Path) -> Iterator[str]:
+    """Serve ``path`` over HTTP on 127.0.0.1 (free port) for the duration; yields the base URL."""
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(path), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there: connection refused
+
+
+def ensure_demo_source(data: DataConfig) -> Path:
+    """Generate the demo scenes + URL list next to ``data.url_list`` when they are not there yet."""
+    from .demo_data import make_demo_dataset
+
+    root = Path(data.url_list).parent
+    if not Path(data.url_list).exists() or not (root / "images").is_dir():
+        log.info("generating %d demo scenes in %s", data.demo_images, root)
+        make_demo_dataset(root, data.demo_images, data.image_size, data.demo_seed, broken=data.demo_broken)
+    return root
+
+
+# --- (2) img2dataset ---------------------------------------------------------------------------------------
+def run_img2dataset(data: DataConfig, list_dir: Path) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from img2dataset import download
+
+    Path(data.shards_dir).mkdir(parents=True, exist_ok=True)
+    download(
+        url_list=str(list_dir),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=str(Path(data.shards_dir).resolve()),
+        image_size=data.image_size,
+        resize_mode=data.resize_mode,
+        encode_quality=data.encode_quality,
+        encode_format="jpg",
+        number_sample_per_shard=data.samples_per_shard,
+        processes_count=data.processes,
+        thread_count=data.threads,
+        timeout=data.timeout,
+        retries=data.retries,
+        distributor="multiprocessing",
+        incremental_mode="incremental",
+        enable_wandb=False,
+        compute_hash="sha256",
+    )
+
+
+# --- (3) report and (4) manifest --------------------------------------------------------------------------------
+def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    start, end = float("inf"), 0.0
+    for f in sorted(shards_dir.glob("*_stats.json")):
+        s = json.loads(f.read_text())
+        totals.update(count=s["count"], successes=s["successes"], failed_to_download=s["failed_to_download"],
+                      failed_to_resize=s["failed_to_resize"])
+        # first line only: OpenCV's messages span several lines
+        reasons.update({k.strip().splitlines()[0]: v for k, v in s.get("status_dict", {}).items() if k != "success"})
+        start, end = min(start, s["start_time"]), max(end, s["end_time"])
+    duration = max(end - start, 0.0) if totals else 0.0
+    tars = sorted(shards_dir.glob("*.tar"))
+    return {
+        "rows": totals["count"],
+        "successes": totals["successes"],
+        "failed": totals["count"] - totals["successes"],
+        "failed_to_download": totals["failed_to_download"],
+        "failed_to_resize": totals["failed_to_resize"],
+        "success_rate": round(totals["successes"] / totals["count"], 4) if totals["count"] else 0.0,
+        "failure_reasons": dict(reasons.most_common()),
+        "bytes": sum(t.stat().st_size for t in tars),
+        "shards": len(tars),
+        "duration_s": round(duration, 2),
+        "images_per_s": round(totals["successes"] / duration, 1) if duration else 0.0,
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_manifest(shards_dir: Path) -> dict[str, Any]:
+    """Every complete shard (img2dataset wrote its stats) with sample count, sha256 and size."""
+    shards = []
+    for stats_file in sorted(shards_dir.glob("*_stats.json")):
+        tar = shards_dir / stats_file.name.replace("_stats.json", ".tar")
+        if not tar.exists():
+            continue
+        samples = json.loads(stats_file.read_text())["successes"]
+        shards.append({"shard": tar.name, "samples": samples, "sha256": _sha256(tar), "bytes": tar.stat().st_size})
+    return {
+        "shards_dir": str(shards_dir),
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+    }
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """One hash for the data a run trained on (logged to MLflow)."""
+    body = json.dumps([[s["shard"], s["sha256"]] for s in manifest["shards"]]).encode()
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def output_paths(data: DataConfig) -> dict[str, Path]:
+    root = Path(data.shards_dir).parent
+    return {"manifest": root / "manifest.json", "report": root / "data_report.json", "list_dir": root / "url_parts"}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="data report", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("rows", "successes", "failed", "success_rate", "malformed_rows", "shards", "bytes", "duration_s", "images_per_s"):
+        table.add_row(key, str(report.get(key)))
+    for reason, n in report["failure_reasons"].items():
+        table.add_row(f"  failed: {reason[:60]}", str(n))
+    Console(stderr=True).print(table)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Download ``data.url_list`` into ``data.shards_dir``; returns the report (with manifest path and hash)."""
+    data = cfg.data
+    paths = output_paths(data)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        base_url = refused = ""
+        if data.demo_images:
+            root = ensure_demo_source(data)
+            base_url = stack.enter_context(serve_directory(root))
+            refused = _closed_port_url()
+        list_stats = prepare_url_list(data, paths["list_dir"], base_url, refused)
+        run_img2dataset(data, paths["list_dir"])
+    shards_dir = Path(data.shards_dir)
+    manifest = build_manifest(shards_dir)
+    report = {
+        **aggregate_stats(shards_dir),
+        "malformed_rows": list_stats.malformed,
+        "malformed_lines": list_stats.malformed_lines,
+        "list_rows": list_stats.rows,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "manifest": str(paths["manifest"]),
+        "manifest_hash": manifest_hash(manifest),
+        "shards_dir": str(shards_dir),
+    }
+    _write_json(paths["manifest"], manifest)
+    _write_json(paths["report"], report)
+    print_report(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(["download", *(argv or [])])
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""The training loader on real webdataset shards: corrupt samples, rank x worker splits, S3, fail-fast."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from galip.clip import load_clip
+from galip.config import load_config
+from galip.data import ShardSplitError, build_loader
+
+from helpers import write_shards
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_clip("galip-tiny").tokenizer
+
+
+def cfg_for(shards: Path | str, *extra: str):
+    return load_config("params.yaml", [f"data.shards_dir={shards}", "data.workers=0", "data.shuffle_buffer=4", *extra], profile="demo")
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "good-and-bad.tar", "w") as tar:
+        for i in range(6):
+            _add(tar, f"{i:04d}.jpg", _jpeg(i))
+            _add(tar, f"{i:04d}.txt", f"caption {i}".encode())
+        _add(tar, "0100.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")  # bad JPEG
+        _add(tar, "0100.txt", b"bad image")
+        _add(tar, "0101.jpg", _jpeg(101))  # no caption
+        _add(tar, "0102.jpg", _jpeg(102)[:200])  # truncated JPEG
+        _add(tar, "0102.txt", b"truncated image")
+    # a tar cut off in the middle of a member
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        for i in range(200, 204):
+            _add(tar, f"{i:04d}.jpg", _jpeg(i))
+            _add(tar, f"{i:04d}.txt", f"caption {i}".encode())
+    with tarfile.open(fileobj=io.BytesIO(whole.getvalue())) as tar:
+        cut = tar.getmember("0202.jpg").offset_data + 100  # in the middle of a member's data
+    (shards / "truncated.tar").write_bytes(whole.getvalue()[:cut])
+
+    loader, stats = build_loader(cfg_for(shards, "data.resampled=false").data, tokenizer, 1, seed=0)
+    captions = [c for _, _, caps in loader for c in caps]
+    good = {f"caption {i}" for i in (0, 1, 2, 3, 4, 5, 200, 201)}  # 200, 201 precede the cut
+    assert set(captions) == good and len(captions) == len(good)
+    reasons = stats.reasons
+    assert reasons["missing_caption"] == 1
+    assert sum(v for k, v in reasons.items() if k.startswith("bad_image")) == 2
+    # the cut-off member is reported (webdataset surfaces it once per tar layer that notices it)
+    assert reasons["ReadError"] >= 1
+    assert stats.skipped == 3 + reasons["ReadError"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rank_and_worker_splits_are_disjoint_and_cover_everything(tmp_path, tokenizer, workers):
+    shards = write_shards(tmp_path / "s", n_samples=64, per_shard=8, unique=True)  # 8 shards
+    cfg = cfg_for(shards, "data.resampled=false", f"data.workers={workers}")
+    seen = []
+    for rank in range(2):
+        loader, _ = build_loader(cfg.data, tokenizer, 4, seed=0, rank=rank, world_size=2)
+        seen.append([c for _, _, caps in loader for c in caps])
+    assert len(seen[0]) == len(set(seen[0])) == 32 and len(seen[1]) == len(set(seen[1])) == 32
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 64
+
+
+def test_uneven_shards_fail_fast_with_advice(tmp_path, tokenizer):
+    shards = write_shards(tmp_path / "s", n_samples=24, per_shard=8)  # 3 shards
+    cfg = cfg_for(shards, "data.resampled=false", "data.workers=1")
+    with pytest.raises(ShardSplitError, match="data.resampled=true"):
+        build_loader(cfg.data, tokenizer, 4, seed=0, rank=0, world_size=2)
+
+
+def test_batches_have_the_training_shapes_and_range(tmp_path, tokenizer):
+    shards = write_shards(tmp_path / "s", n_samples=16, per_shard=8)
+    loader, _ = build_loader(cfg_for(shards).data, tokenizer, 4, seed=0)
+    images, tokens, captions = next(iter(loader))
+    assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1 and images.min() < 0 < images.max()
+    assert tokens.shape == (4, 32) and tokens.dtype == torch.long and len(captions) == 4
+
+
+def test_reference_augmentation_crops_and_flips(tmp_path, tokenizer):
+    shards = write_shards(tmp_path / "s", n_samples=16, per_shard=8)
+    cfg = cfg_for(shards, "data.load_size=76", "data.crop_size=64", "data.hflip=true", "data.resampled=false")
+    a = torch.cat([b[0] for b in build_loader(cfg.data, tokenizer, 4, seed=1)[0]])
+    b = torch.cat([b[0] for b in build_loader(cfg.data, tokenizer, 4, seed=2)[0]])
+    assert a.shape[-1] == 64 and not torch.equal(a, b)  # random crops/flips differ between seeds
+
+
+@pytest.mark.slow
+def test_reads_shards_from_s3(tmp_path, tokenizer, s3_bucket):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    shards = write_shards(tmp_path / "s", n_samples=16, per_shard=8, unique=True)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for tar in shards.glob("*.tar"):
+        client.upload_file(str(tar), bucket, f"shards/{tar.name}")
+    cfg = cfg_for(f"s3://{bucket}/shards", "data.resampled=false", f"data.s3_endpoint_url={endpoint}")
+    captions = [c for _, _, caps in build_loader(cfg.data, tokenizer, 4, seed=0)[0] for c in caps]
+    assert len(captions) == 16 == len(set(captions))

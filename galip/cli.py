@@ -94,6 +94,20 @@ def train(
         typer.echo(json.dumps(result))
 
 
+@app.command("demo-data")
+def demo_data(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Generate the demo scenes and their URL list (data.url_list's folder) if missing; deterministic."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .download import ensure_demo_source
+
+    typer.echo(str(ensure_demo_source(cfg.data)))
+
+
 @app.command()
 def download(
     params: ParamsOpt = Path("params.yaml"),

@@ -30,10 +30,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where training data comes from and how it becomes shards (galip.download, galip.data)."""
 
-    url_list: str = Field("data/demo/urls.parquet", description="URL+caption list (cc12m.tsv or parquet)")
+    url_list: str = Field("data/cc12m/cc12m.tsv", description="URL+caption list (cc12m.tsv or parquet)")
     url_col: str = "url"
     caption_col: str = "caption"
-    shards_dir: str = "data/shards"
+    shards_dir: str = "data/cc12m/shards"
     shards: str = Field("", description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
     image_size: int = Field(256, gt=0, description="img2dataset output size")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"

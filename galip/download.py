@@ -164,9 +164,15 @@ def _closed_port_url() -> str:
 
 
 def ensure_demo_source(data: DataConfig) -> Path:
-    """Generate the demo scenes + URL list next to ``data.url_list`` when they are not there yet."""
+    """Generate the demo scenes + URL list next to ``data.url_list`` when they are not there yet.
+
+    Generation is deterministic (byte-identical files from ``data.demo_seed``), so a regenerated
+    source matches what data.dvc records.
+    """
     from .demo_data import make_demo_dataset
 
+    if not data.demo_images:
+        raise ValueError("data.demo_images is 0: this profile has no demo source to generate")
     root = Path(data.url_list).parent
     if not Path(data.url_list).exists() or not (root / "images").is_dir():
         log.info("generating %d demo scenes in %s", data.demo_images, root)

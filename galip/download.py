@@ -18,7 +18,9 @@ import http.server
 import json
 import logging
 import os
+import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -181,7 +183,19 @@ def ensure_demo_source(data: DataConfig) -> Path:
 
 
 # --- (2) img2dataset ---------------------------------------------------------------------------------------
+def _check_spawnable_main() -> None:
+    """img2dataset's workers are spawned and re-import ``__main__``; from ``python -`` (stdin) that
+    import fails in every worker and its pool respawns them forever, a hang instead of an error."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and not Path(main_file).exists():
+        raise RuntimeError(
+            f"galip download cannot run from {main_file!r}: img2dataset's worker processes re-import the "
+            "main script. Run `galip download`, `python -m galip.download`, or a script saved to a file."
+        )
+
+
 def run_img2dataset(data: DataConfig, list_dir: Path) -> None:
+    _check_spawnable_main()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
@@ -211,7 +225,20 @@ def run_img2dataset(data: DataConfig, list_dir: Path) -> None:
 
 
 # --- (3) report and (4) manifest --------------------------------------------------------------------------------
+_OPENCV = re.compile(r"OpenCV\([^)]*\) \S+ error: (.*)")
+
+
+def failure_reason(message: str) -> str:
+    """One readable line per failure kind: img2dataset keys its histogram by raw exception text."""
+    line = (message.strip().splitlines() or [""])[0]
+    opencv = _OPENCV.match(line)
+    if opencv:  # drop the build path and line number, which differ between OpenCV builds
+        line = f"OpenCV error: {opencv.group(1)}"
+    return line[:160]
+
+
 def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
+    """Sum img2dataset's ``*_stats.json`` (one per finished shard) into totals and a failure histogram."""
     totals: Counter = Counter()
     reasons: Counter = Counter()
     start, end = float("inf"), 0.0
@@ -219,11 +246,11 @@ def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
         s = json.loads(f.read_text())
         totals.update(count=s["count"], successes=s["successes"], failed_to_download=s["failed_to_download"],
                       failed_to_resize=s["failed_to_resize"])
-        # first line only: OpenCV's messages span several lines
-        reasons.update({k.strip().splitlines()[0]: v for k, v in s.get("status_dict", {}).items() if k != "success"})
+        for message, n in s.get("status_dict", {}).items():
+            if message != "success":
+                reasons[failure_reason(message)] += n
         start, end = min(start, s["start_time"]), max(end, s["end_time"])
     duration = max(end - start, 0.0) if totals else 0.0
-    tars = sorted(shards_dir.glob("*.tar"))
     return {
         "rows": totals["count"],
         "successes": totals["successes"],
@@ -232,8 +259,6 @@ def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
         "failed_to_resize": totals["failed_to_resize"],
         "success_rate": round(totals["successes"] / totals["count"], 4) if totals["count"] else 0.0,
         "failure_reasons": dict(reasons.most_common()),
-        "bytes": sum(t.stat().st_size for t in tars),
-        "shards": len(tars),
         "duration_s": round(duration, 2),
         "images_per_s": round(totals["successes"] / duration, 1) if duration else 0.0,
     }
@@ -264,6 +289,11 @@ def build_manifest(shards_dir: Path) -> dict[str, Any]:
     }
 
 
+def incomplete_shards(shards_dir: Path) -> list[str]:
+    """Tars with no ``_stats.json``: img2dataset writes the stats last, so these were interrupted."""
+    return sorted(t.name for t in shards_dir.glob("*.tar") if not t.with_name(f"{t.stem}_stats.json").exists())
+
+
 def manifest_hash(manifest: dict[str, Any]) -> str:
     """One hash for the data a run trained on (logged to MLflow)."""
     body = json.dumps([[s["shard"], s["sha256"]] for s in manifest["shards"]]).encode()
@@ -282,8 +312,10 @@ def print_report(report: dict[str, Any]) -> None:
     table = Table(title="data report", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("rows", "successes", "failed", "success_rate", "malformed_rows", "shards", "bytes", "duration_s", "images_per_s"):
-        table.add_row(key, str(report.get(key)))
+    for key in ("rows", "successes", "failed", "success_rate", "malformed_rows", "shards", "incomplete_shards", "bytes",
+                "duration_s", "images_per_s"):
+        value = report.get(key)
+        table.add_row(key, str(len(value) if isinstance(value, list) else value))
     for reason, n in report["failure_reasons"].items():
         table.add_row(f"  failed: {reason[:60]}", str(n))
     Console(stderr=True).print(table)
@@ -293,6 +325,39 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
+
+
+# Keys that change what a shard holds. Resuming into shards written with other values would mix
+# two data sets (img2dataset's incremental mode only asks whether a shard id is done).
+FINGERPRINT_KEYS = ("url_col", "caption_col", "image_size", "resize_mode", "encode_quality", "samples_per_shard")
+FINGERPRINT_FILE = "download_params.yaml"  # not *.json: img2dataset reads every *.json there as shard stats
+
+
+class StaleShardsError(RuntimeError):
+    """``data.shards_dir`` holds shards made from another list or with other settings."""
+
+
+def _fingerprint(data: DataConfig) -> dict[str, Any]:
+    return {"url_list_sha256": _sha256(Path(data.url_list)), **{k: getattr(data, k) for k in FINGERPRINT_KEYS}}
+
+
+def check_fingerprint(data: DataConfig) -> None:
+    """Refuse to resume into shards made differently; record the settings for the next resume."""
+    import yaml
+
+    shards_dir = Path(data.shards_dir)
+    path = shards_dir / FINGERPRINT_FILE
+    current = _fingerprint(data)
+    if path.exists():
+        recorded = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(k for k in current if recorded.get(k) != current[k])
+        if changed:
+            raise StaleShardsError(
+                f"{shards_dir} was written with different {', '.join(changed)} (see {path}). Delete that folder "
+                "to rebuild it, or set data.shards_dir to a new folder; resuming would mix two data sets."
+            )
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(current, sort_keys=False))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -306,12 +371,17 @@ def run(cfg: Config) -> dict[str, Any]:
             root = ensure_demo_source(data)
             base_url = stack.enter_context(serve_directory(root))
             refused = _closed_port_url()
+        check_fingerprint(data)
         list_stats = prepare_url_list(data, paths["list_dir"], base_url, refused)
         run_img2dataset(data, paths["list_dir"])
     shards_dir = Path(data.shards_dir)
     manifest = build_manifest(shards_dir)
     report = {
         **aggregate_stats(shards_dir),
+        # complete shards only: a tar without its stats file is one an interrupted run left half written
+        "shards": len(manifest["shards"]),
+        "bytes": manifest["bytes"],
+        "incomplete_shards": incomplete_shards(shards_dir),
         "malformed_rows": list_stats.malformed,
         "malformed_lines": list_stats.malformed_lines,
         "list_rows": list_stats.rows,
@@ -333,6 +403,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from galip.config import load_config
-from galip.download import build_manifest, prepare_url_list, run
+from galip.download import StaleShardsError, failure_reason, incomplete_shards, prepare_url_list, run
 
 N_IMAGES = 60
 
@@ -35,8 +35,12 @@ def test_img2dataset_over_loopback_counts_every_broken_entry(downloaded):
     assert report["rows"] == N_IMAGES + 5 and report["successes"] == N_IMAGES and report["failed"] == 5
     reasons = report["failure_reasons"]
     assert sum(reasons.values()) == 5
-    assert reasons.get("HTTP Error 404: File not found") == 1
-    assert sum(v for k, v in reasons.items() if "Connection refused" in k) == 1
+    assert reasons == {
+        "HTTP Error 404: File not found": 1,
+        "<urlopen error [Errno 111] Connection refused>": 1,
+        "Image decoding error": 2,  # HTML served as .jpg, truncated JPEG
+        "OpenCV error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'": 1,  # empty file
+    }
     # HTML served as .jpg, a truncated JPEG and an empty file all fail to decode
     assert report["failed_to_resize"] == 3 and report["failed_to_download"] == 2
     assert report["success_rate"] == pytest.approx(N_IMAGES / (N_IMAGES + 5), abs=1e-4)
@@ -58,15 +62,76 @@ def test_shards_and_manifest_agree(downloaded):
 
 
 @pytest.mark.slow
-def test_rerun_is_incremental_without_duplicates(downloaded):
+def test_loader_reads_the_downloaded_shards(downloaded):
+    from galip.clip import load_clip
+    from galip.data import build_loader
+    from galip.demo_data import parse_caption
+
+    root, cfg, _ = downloaded
+    data = cfg.data.model_copy(update={"resampled": False, "workers": 0})
+    loader, stats = build_loader(data, load_clip("galip-tiny").tokenizer, 10, seed=0)
+    batches = list(loader)
+    captions = [c for _, _, caps in batches for c in caps]
+    assert len(captions) == N_IMAGES and stats.skipped == 0
+    assert all(parse_caption(c) for c in captions)  # demo captions survive the round trip intact
+    assert batches[0][0].shape == (10, 3, cfg.data.crop_size, cfg.data.crop_size)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_duplicate_or_partial_shards(downloaded):
     root, cfg, report = downloaded
     shards = root / "demo/shards"
-    # an interrupted run: one shard lost its stats file (img2dataset writes it last)
-    victim = sorted(shards.glob("*_stats.json"))[0]
-    victim.unlink()
+    before = {e["shard"]: e for e in json.loads(Path(report["manifest"]).read_text())["shards"]}
+    # img2dataset died half way through shard 1: tar cut short, stats (written last) never written
+    victim = shards / "00001.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (shards / "00001_stats.json").unlink()
+    assert incomplete_shards(shards) == ["00001.tar"]
+
     again = run(cfg)
-    assert again["successes"] == N_IMAGES and again["shards"] == report["shards"]
-    assert build_manifest(shards)["shards"] == json.loads(Path(report["manifest"]).read_text())["shards"]
+    after = {e["shard"]: e for e in json.loads(Path(again["manifest"]).read_text())["shards"]}
+    assert again["incomplete_shards"] == [] and again["successes"] == N_IMAGES and again["failed"] == 5
+    assert after.keys() == before.keys() and after["00001.tar"]["samples"] == before["00001.tar"]["samples"]
+    # finished shards were not fetched again (same bytes); only the cut one was redone, whole
+    assert all(after[n]["sha256"] == before[n]["sha256"] for n in before if n != "00001.tar")
+    keys = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            keys += [n.split(".")[0] for n in tar.getnames() if n.endswith(".jpg")]
+    assert len(keys) == len(set(keys)) == N_IMAGES
+
+
+@pytest.mark.slow
+def test_resuming_with_other_settings_is_refused(downloaded):
+    root, _, _ = downloaded
+    changed = demo_cfg(root, "data.image_size=32")
+    with pytest.raises(StaleShardsError, match="image_size") as err:
+        run(changed)
+    assert "data.shards_dir" in str(err.value)
+    assert len(list((root / "demo/shards").glob("*.tar"))) == 4  # nothing was touched
+
+
+def test_failure_reasons_are_one_readable_line():
+    opencv = ("OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:1310: error: (-215:Assertion failed) "
+              "!buf.empty() in function 'imdecode_'\n")
+    assert failure_reason(opencv) == "OpenCV error: (-215:Assertion failed) !buf.empty() in function 'imdecode_'"
+    assert failure_reason("HTTP Error 404: File not found") == "HTTP Error 404: File not found"
+    assert failure_reason("first line\nsecond line") == "first line"
+
+
+def test_list_is_streamed_in_bounded_parts(tmp_path, monkeypatch):
+    import galip.download as dl
+
+    monkeypatch.setattr(dl, "PART_ROWS", 4)  # as if the list were millions of rows long
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text("".join(f"http://127.0.0.1:1/{i}.jpg\tcaption {i}\n" for i in range(10)))
+    cfg = load_config("params.yaml", [f"data.url_list={tsv}"], profile="cc12m")
+    stats = prepare_url_list(cfg.data, tmp_path / "parts")
+    parts = sorted((tmp_path / "parts").glob("part-*.parquet"))
+    import pandas as pd
+
+    assert [len(pd.read_parquet(p)) for p in parts] == [4, 4, 2] and stats.rows == 10
+    assert pd.concat(pd.read_parquet(p) for p in parts)["caption"].tolist() == [f"caption {i}" for i in range(10)]
 
 
 def test_headerless_tsv_keeps_every_good_row(tmp_path):

@@ -33,12 +33,15 @@ class ShardSplitError(ValueError):
 
 @dataclass
 class LoaderStats:
-    """Skipped-sample counts summed over DataLoader workers (latest cumulative count per worker)."""
+    """Skipped-sample counts summed over DataLoader workers and epochs.
 
-    per_worker: dict[int, Counter] = field(default_factory=dict)
+    Each worker's counts are cumulative within a pass, so the latest per (epoch, worker) is kept.
+    """
 
-    def update(self, worker: int, counts: dict[str, int]) -> None:
-        self.per_worker[worker] = Counter(counts)
+    per_worker: dict[tuple[int, int], Counter] = field(default_factory=dict)
+
+    def update(self, epoch: int, worker: int, counts: dict[str, int]) -> None:
+        self.per_worker[(epoch, worker)] = Counter(counts)
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -58,8 +61,8 @@ class _SkipCounter:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
 
-    def skip(self, reason: str) -> None:
-        self.counts[reason] += 1
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] += n
 
     def handler(self, exn: Exception) -> bool:
         self.skip(type(exn).__name__)
@@ -170,10 +173,15 @@ def _shuffle(src: Iterator, bufsize: int, seed: int) -> Iterator:
     yield from buf
 
 
+_END = "__end_of_worker_stream__"
+
+
 def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iterator[tuple]:
     from webdataset.utils import pytorch_worker_info
 
     _, _, worker, _ = pytorch_worker_info()
+    # Counts are per pass: without workers the counter lives on in the main process between epochs.
+    counter.counts.clear()
     items: list[tuple] = []
     for item in src:
         items.append(item)
@@ -181,20 +189,49 @@ def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iter
             images, tokens, captions = zip(*items)
             yield torch.stack(images), torch.stack(tokens), list(captions), worker, dict(counter.counts)
             items = []
-    # a partial last batch is dropped: batches must stack and every rank must take equal steps
+    # A partial last batch is dropped (batches must stack; every rank must take equal steps), but
+    # counted; a final marker carries the counts made after this worker's last batch.
+    if items:
+        counter.skip("partial_last_batch", len(items))
+    yield _END, None, None, worker, dict(counter.counts)
 
 
 # --- the loader ------------------------------------------------------------------------------------------
 class Loader:
-    """Iterable of (images, tokens, captions); updates ``stats`` as batches arrive."""
+    """Iterable of (images, tokens, captions); updates ``stats`` as batches arrive.
 
-    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats) -> None:
-        self.dataloader, self.stats = dataloader, stats
+    Each ``iter()`` is one epoch: the non-resampled shard order is reshuffled per epoch. The epoch is
+    set here, in the main process, because DataLoader workers run on copies of the pipeline.
+    """
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats, shard_order: "_ShardOrder | None") -> None:
+        self.dataloader, self.stats, self.shard_order = dataloader, stats, shard_order
+        self.epoch = -1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        self.epoch += 1
+        if self.shard_order is not None:
+            self.shard_order.epoch = self.epoch
         for images, tokens, captions, worker, counts in self.dataloader:
-            self.stats.update(int(worker), counts)
+            self.stats.update(self.epoch, int(worker), counts)
+            if isinstance(images, str) and images == _END:
+                continue
             yield images, tokens, captions
+
+
+class _ShardOrder(torch.utils.data.IterableDataset):
+    """Shard list in a seeded order that changes per epoch and is the same on every rank, so that
+    splitting it by rank and then by worker gives disjoint parts that cover every shard."""
+
+    def __init__(self, urls: list[str], seed: int) -> None:
+        super().__init__()
+        self.urls, self.seed, self.epoch = urls, seed, 0
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        order = list(self.urls)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        for url in order:
+            yield {"url": url}
 
 
 def check_even_split(n_shards: int, world_size: int, workers: int) -> None:
@@ -216,21 +253,30 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     shards: str | None = None,
+    epoch_samples: int = 0,
 ) -> tuple[Loader, LoaderStats]:
-    """A DataLoader over the shards: endless with ``data.resampled``, else one pass split over ranks."""
+    """A DataLoader over the shards: endless with ``data.resampled``, else one pass split over ranks.
+
+    ``epoch_samples`` > 0 (resampled only) ends each ``iter()`` after that many samples over all
+    ranks, the same number of batches on every rank (webdataset's ``with_epoch``).
+    """
     import webdataset as wds
 
     urls = resolve_shards(data_cfg, shards)
     if any(u.startswith("s3://") for u in urls):
         _register_s3_gopen(data_cfg.s3_endpoint_url)
     counter = _SkipCounter()
+    shard_order = None
     if data_cfg.resampled:
         # Every rank and worker draws shards with replacement from its own seeded stream: no
         # divisibility constraint and every rank takes the same number of steps.
         source = [wds.ResampledShards(urls, seed=seed + rank * 1_000_003, deterministic=True)]
     else:
+        if epoch_samples:
+            raise ValueError("epoch_samples needs data.resampled=true (a non-resampled epoch is one pass over the shards)")
         check_even_split(len(urls), world_size, data_cfg.workers)
-        source = [wds.SimpleShardList(urls), _split_by_rank(rank, world_size), wds.split_by_worker]
+        shard_order = _ShardOrder(urls, seed)
+        source = [shard_order, _split_by_rank(rank, world_size), wds.split_by_worker]
     stages = [
         *source,
         wds.tarfile_to_samples(handler=counter.handler),
@@ -239,6 +285,9 @@ def build_loader(
         lambda src: _batch(src, batch_size, counter),
     ]
     pipeline = wds.DataPipeline(*stages)
+    if epoch_samples:
+        per_worker = world_size * batch_size * max(data_cfg.workers, 1)
+        pipeline = pipeline.with_epoch(nbatches=max(1, -(-epoch_samples // per_worker)))
     dataloader = torch.utils.data.DataLoader(
         pipeline,
         batch_size=None,
@@ -249,7 +298,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
     )
     stats = LoaderStats()
-    return Loader(dataloader, stats), stats
+    return Loader(dataloader, stats, shard_order), stats
 
 
 def _split_by_rank(rank: int, world_size: int):

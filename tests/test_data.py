@@ -122,3 +122,49 @@ def test_reads_shards_from_s3(tmp_path, tokenizer, s3_bucket):
     cfg = cfg_for(f"s3://{bucket}/shards", "data.resampled=false", f"data.s3_endpoint_url={endpoint}")
     captions = [c for _, _, caps in build_loader(cfg.data, tokenizer, 4, seed=0)[0] for c in caps]
     assert len(captions) == 16 == len(set(captions))
+
+
+def test_skips_are_summed_over_workers_and_partial_batches_counted(tmp_path, tokenizer):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):  # one shard per worker, each with one corrupt image
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(5):
+                _add(tar, f"{s}{i:03d}.jpg", _jpeg(i))
+                _add(tar, f"{s}{i:03d}.txt", f"caption {s}-{i}".encode())
+            _add(tar, f"{s}900.jpg", b"not a jpeg")
+            _add(tar, f"{s}900.txt", b"bad")
+    cfg = cfg_for(shards, "data.resampled=false", "data.workers=2")
+    loader, stats = build_loader(cfg.data, tokenizer, 2, seed=0)
+    captions = [c for _, _, caps in loader for c in caps]
+    assert len(captions) == 8  # 5 good per worker -> 2 full batches each, 1 left over each
+    reasons = stats.reasons
+    assert sum(v for k, v in reasons.items() if k.startswith("bad_image")) == 2
+    assert reasons["partial_last_batch"] == 2 and stats.skipped == 4
+    # a second epoch adds its own counts (new worker processes start from zero)
+    assert len([c for _, _, caps in loader for c in caps]) == 8 and stats.skipped == 8
+
+
+def test_shard_order_is_shuffled_per_epoch_and_shared_by_ranks(tmp_path, tokenizer):
+    shards = write_shards(tmp_path / "s", n_samples=32, per_shard=2, unique=True)  # 16 shards
+    cfg = cfg_for(shards, "data.resampled=false", "data.shuffle_buffer=0")
+    loaders = [build_loader(cfg.data, tokenizer, 2, seed=5, rank=r, world_size=2)[0] for r in range(2)]
+    epochs = [[[c for _, _, caps in loader for c in caps] for loader in loaders] for _ in range(2)]
+    for ranks in epochs:  # each epoch: disjoint halves that cover everything
+        assert not set(ranks[0]) & set(ranks[1]) and len(set(ranks[0]) | set(ranks[1])) == 32
+    assert epochs[0][0] != epochs[1][0]  # the shard order changed between epochs
+    again = build_loader(cfg.data, tokenizer, 2, seed=5, rank=0, world_size=2)[0]
+    assert [c for _, _, caps in again for c in caps] == epochs[0][0]  # reproducible from (seed, rank)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_epochs_are_even_across_ranks(tmp_path, tokenizer, workers):
+    shards = write_shards(tmp_path / "s", n_samples=24, per_shard=8)  # 3 shards: no even split
+    cfg = cfg_for(shards, f"data.workers={workers}")
+    counts = []
+    for rank in range(2):
+        loader, _ = build_loader(cfg.data, tokenizer, 4, seed=0, rank=rank, world_size=2, epoch_samples=40)
+        counts.append(sum(1 for _ in loader))
+    assert counts[0] == counts[1] >= 40 / (2 * 4)
+    with pytest.raises(ValueError, match="resampled"):
+        build_loader(cfg_for(shards, "data.resampled=false").data, tokenizer, 4, seed=0, epoch_samples=40)

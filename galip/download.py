@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -302,7 +303,7 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
 
 def output_paths(data: DataConfig) -> dict[str, Path]:
     root = Path(data.shards_dir).parent
-    return {"manifest": root / "manifest.json", "report": root / "data_report.json", "list_dir": root / "url_parts"}
+    return {"manifest": root / "manifest.json", "report": root / "data_report.json", "list_dir": root / ".url_parts"}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -372,6 +373,8 @@ def run(cfg: Config) -> dict[str, Any]:
             base_url = stack.enter_context(serve_directory(root))
             refused = _closed_port_url()
         check_fingerprint(data)
+        # The converted list holds this run's server address (demo): a scratch copy, removed after.
+        stack.callback(shutil.rmtree, paths["list_dir"], ignore_errors=True)
         list_stats = prepare_url_list(data, paths["list_dir"], base_url, refused)
         run_img2dataset(data, paths["list_dir"])
     shards_dir = Path(data.shards_dir)

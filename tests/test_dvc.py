@@ -30,7 +30,7 @@ def test_repository_dvc_config_is_offline_and_local():
 
 
 @pytest.mark.slow
-def test_data_dvc_matches_a_regenerated_demo_source(tmp_path):
+def test_data_dvc_matches_a_regenerated_demo_source_and_round_trips_over_s3(tmp_path, s3_bucket):
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(REPO), str(clone)], tmp_path)
     if not (clone / "data.dvc").exists():
@@ -40,6 +40,18 @@ def test_data_dvc_matches_a_regenerated_demo_source(tmp_path):
     _run([DVC, "commit", "-f", "-q", "data.dvc"], clone)
     _run(["git", "diff", "--exit-code", "data.dvc"], clone)
     assert "up to date" in _run([DVC, "status", "data.dvc"], clone)
+
+    # the project's own tracked data through an S3 remote configured from the environment
+    endpoint, bucket = s3_bucket
+    _run([str(REPO / "scripts/dvc-remote-s3.sh")], clone, GALIP_DVC_BUCKET=bucket, GALIP_DVC_PREFIX="p", AWS_ENDPOINT_URL=endpoint)
+    _run([DVC, "push", "-q", "data.dvc"], clone)
+    source = clone / "data/demo/source"
+    before = {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    shutil.rmtree(source)
+    shutil.rmtree(clone / ".dvc/cache")
+    _run([DVC, "pull", "-q", "data.dvc"], clone)
+    assert "up to date" in _run([DVC, "status", "data.dvc"], clone)
+    assert {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

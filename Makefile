@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo ui stop clean
 
 install: $(STAMP)
 
@@ -30,8 +30,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -v -m "not slow"
 
+# The pipeline on the embedded default: local Prefect server + worker, galip-train/demo, where to look.
 demo: install
-	$(VENV)/bin/galip train --profile demo
+	scripts/demo.sh
+
+# Keep (or start) the local Prefect server for browsing; prints the UI URL. `make stop` stops it.
+ui: install
+	@source scripts/prefect-local.sh && prefect_server_up && echo "Prefect UI: $${PREFECT_API_URL%/api}" && \
+	  echo "MLflow UI:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000"
+
+stop:
+	@source scripts/prefect-local.sh && prefect_down && echo "stopped the local Prefect server and worker"
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -161,6 +161,47 @@ def evaluate(
     typer.echo(json.dumps(result))
 
 
+@app.command("train-clip")
+def train_clip(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Train model.clip_model on the shards with open_clip_train; writes clip_pretrain.out_path (demo)."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .clip_pretrain import run
+
+    try:
+        result = run(cfg)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def register(
+    metrics: Annotated[Path, typer.Option("--metrics", help="metrics.json written by `galip evaluate`")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint (default: the one metrics.json names)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="MLflow run to log the model to (default: a new run)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Log the generator as an MLflow pyfunc, register it (alias challenger) and apply the champion gate."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .registry import RegistryError, register_from_files
+
+    try:
+        result = register_from_files(cfg, metrics, checkpoint, run_id)
+    except (FileNotFoundError, RegistryError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (tests call ``main([...])``); returns the exit code."""
     try:

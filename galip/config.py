@@ -198,6 +198,48 @@ class KubeConfig(_Section):
         return tuple(Toleration.model_validate(t) if isinstance(t, dict) else t for t in v) if isinstance(v, list) else v
 
 
+class ClipPretrainConfig(_Section):
+    """galip train-clip: contrastive training of the (tiny) CLIP on the downloaded shards (open_clip_train).
+
+    A randomly initialised CLIP gives G too weak a text signal for a short CPU demo, so the demo first
+    trains its own tiny CLIP on the demo captions; later stages load it with
+    ``model.clip_pretrained=<out_path>``.
+    """
+
+    enabled: bool = Field(False, description="run the CLIP training step (demo); production uses pretrained CLIP weights")
+    out_path: str = Field("runs/demo/clip/galip-tiny.pt", description="state_dict loadable with open_clip pretrained=<path>")
+    epochs: int = Field(8, gt=0)
+    batch_size: int = Field(100, gt=1, description="contrastive batch: the number of captions each image is ranked against")
+    lr: float = Field(1e-3, gt=0)
+    wd: float = Field(0.1, ge=0)
+    warmup: int = Field(30, ge=0, description="warm-up steps")
+    workers: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class MlflowConfig(_Section):
+    """Tracking and registry. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
+
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="embedded default: SQLite in the project folder")
+    experiment: str = "galip"
+    model_name: str = Field("galip", description="registered model name")
+    gate_metric: str = Field("prompt_fidelity", description="metric from metrics.json that decides promotion to champion")
+    gate_direction: Literal["higher", "lower"] = Field("higher", description="which way is better for gate_metric")
+    challenger_alias: str = "challenger"
+    champion_alias: str = "champion"
+
+
+class FlowConfig(_Section):
+    """How the Prefect flow galip-train runs the stages."""
+
+    nproc_per_node: int = Field(1, gt=0, description="torchrun --nproc_per_node for train and evaluate")
+    use_dvc: bool = Field(
+        True, description="run each stage as `dvc repro --single-item <stage>` so dvc.lock records what the flow produced"
+    )
+    require_gpu: bool = Field(False, description="fail before any work when no CUDA device is visible (production)")
+    download_retries: int = Field(2, ge=0, description="retries of the network-bound download task")
+
+
 class Config(_Section):
     profile: str = "cc12m"
     data: DataConfig = DataConfig()
@@ -205,6 +247,9 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     kube: KubeConfig = KubeConfig()
+    clip_pretrain: ClipPretrainConfig = ClipPretrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    flow: FlowConfig = FlowConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

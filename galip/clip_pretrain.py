@@ -1,0 +1,136 @@
+"""Train the demo's tiny CLIP on the downloaded shards with open_clip's own trainer (``open_clip_train``).
+
+    galip train-clip --profile demo
+
+GALIP trains against a *frozen* CLIP; with random CLIP weights the text signal is too weak for a short
+CPU demo, so the demo first fits its tiny CLIP (``model.clip_model: galip-tiny``) to the demo captions.
+The result is a plain open_clip state_dict at ``clip_pretrain.out_path``, loadable with
+``open_clip.create_model(name, pretrained=out_path)``, i.e. ``-S model.clip_pretrained=<out_path>``.
+open_clip_train runs in-process so it sees the project's model configs (registered at import time of
+this step, not of the package).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config
+
+log = logging.getLogger("galip.clip_pretrain")
+
+
+class ClipPretrainError(RuntimeError):
+    """open_clip_train did not produce a checkpoint; the message says where its log is."""
+
+
+def _patch_webdataset_eof() -> None:
+    """open_clip_train's tar grouping predates webdataset 0.2.100's end-of-shard ``{}`` markers and
+    fails with ``KeyError: 'fname'`` on them; ask the expander not to emit them (same samples otherwise)."""
+    import open_clip_train.data as oct_data
+    import webdataset.tariterators as tariterators
+
+    if not isinstance(oct_data.tar_file_expander, functools.partial):
+        oct_data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
+
+
+def count_samples(cfg: Config, shards: list[str]) -> int:
+    """Samples in the shards, from img2dataset's per-shard stats (no pass over the data)."""
+    total = 0
+    for shard in shards:
+        stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
+        if not stats.is_file():
+            raise FileNotFoundError(f"{stats}: missing; train-clip needs shards written by `galip download`")
+        total += int(json.loads(stats.read_text())["successes"])
+    if total == 0:
+        raise FileNotFoundError(f"the shards in {cfg.data.shards_dir} hold no samples: run `galip download` first")
+    return total
+
+
+def trainer_args(cfg: Config, shards: list[str], num_samples: int, logs: Path, name: str) -> list[str]:
+    """open_clip_train's command line for this config (CPU-sized in the demo profile)."""
+    c = cfg.clip_pretrain
+    return [
+        "--model", cfg.model.clip_model,
+        "--train-data", "::".join(shards),
+        "--dataset-type", "webdataset",
+        # resampled shards: fewer shards than workers is fine and every epoch has num_samples samples
+        "--dataset-resampled",
+        "--train-num-samples", str(num_samples),
+        "--batch-size", str(c.batch_size),
+        "--epochs", str(c.epochs),
+        "--lr", str(c.lr),
+        "--wd", str(c.wd),
+        "--warmup", str(c.warmup),
+        "--workers", str(c.workers),
+        "--precision", "fp32",
+        "--seed", str(c.seed),
+        "--logs", str(logs),
+        "--name", name,
+        "--report-to", "",
+        "--log-every-n-steps", "5",
+        "--zeroshot-frequency", "0",
+        "--save-frequency", "0",  # only the final epoch is saved
+        "--delete-previous-checkpoint",
+    ]  # fmt: skip
+
+
+def _final_checkpoint(logs: Path, name: str, epochs: int) -> Path:
+    path = logs / name / "checkpoints" / f"epoch_{epochs}.pt"
+    if not path.is_file():
+        raise ClipPretrainError(f"open_clip_train wrote no {path.name}; see its log at {logs / name / 'out.log'}")
+    return path
+
+
+def _write_state_dict(src: Path, out: Path) -> None:
+    """Keep only the model weights (the trainer's checkpoint also holds the optimizer: 3x the size)."""
+    state = torch.load(src, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path and timing."""
+    from open_clip_train.main import main as open_clip_train_main
+
+    from .clip import register_project_model_configs
+    from .data import resolve_shards
+
+    register_project_model_configs()
+    _patch_webdataset_eof()
+    shards = resolve_shards(cfg.data)
+    num_samples = count_samples(cfg, shards)
+    out = Path(cfg.clip_pretrain.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix=".open_clip_train-", dir=out.parent))
+    name = f"{cfg.model.clip_model}-{int(time.time())}"
+    t0 = time.perf_counter()
+    log.info("training %s on %d samples from %d shards (%d epochs)", cfg.model.clip_model, num_samples, len(shards), cfg.clip_pretrain.epochs)
+    try:
+        rc = open_clip_train_main(trainer_args(cfg, shards, num_samples, logs, name))
+        if rc not in (None, 0):
+            raise ClipPretrainError(f"open_clip_train returned {rc}; see {logs / name / 'out.log'}")
+        _write_state_dict(_final_checkpoint(logs, name, cfg.clip_pretrain.epochs), out)
+        final_log = (logs / name / "out.log").read_text().strip().splitlines()[-1:]
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    return {
+        "checkpoint": str(out),
+        "model": cfg.model.clip_model,
+        "samples": num_samples,
+        "epochs": cfg.clip_pretrain.epochs,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "last_log": final_log[0] if final_log else "",
+    }

@@ -1,0 +1,223 @@
+"""MLflow model registry: log the generator as a pyfunc, register it, promote by alias after a gate.
+
+Every registration gets the alias ``challenger``. ``champion`` moves to the new version only when its
+gate metric (``mlflow.gate_metric``, better = ``mlflow.gate_direction``) beats the current champion's;
+otherwise champion stays and the decision says why. Consumers load ``models:/<name>@champion``; people
+can move either alias by hand in the MLflow UI, and the next gate compares against whatever champion
+then points at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+GATE_TAG_PREFIX = "gate."
+# Runtime packages of the pyfunc; pinned to what this environment trained with.
+SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
+
+
+class RegistryError(RuntimeError):
+    """A registration input is missing or unusable; the message names it."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reason: str
+    version: str
+    champion_version: str | None  # champion after the decision
+    metric: str
+    value: float | None
+    champion_value: float | None
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``MLFLOW_TRACKING_URI`` (production server) or ``mlflow.tracking_uri`` (embedded SQLite)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+
+
+def configure(cfg: Config) -> None:
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+
+
+def pip_requirements() -> list[str]:
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            raise RegistryError(f"package {package} is not installed; the pyfunc cannot pin its requirements") from None
+    return pins
+
+
+def write_generator(checkpoint: Path, out: Path) -> Path:
+    """NetG weights + resolved config + step only: what inference needs (D, C and optimizers are ~2/3)."""
+    import torch
+
+    from .checkpoint import FORMAT_VERSION, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    slim = {"format_version": FORMAT_VERSION, "step": ckpt["step"], "config": ckpt["config"], "netG": ckpt["netG"]}
+    torch.save(slim, out)
+    return out
+
+
+def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
+    """Files logged with the pyfunc: generator, CLIP reference, and the CLIP weights when they are a local file."""
+    from .checkpoint import load_checkpoint
+    from .config import config_from_dict
+    from .serving import clip_reference
+
+    saved = config_from_dict(load_checkpoint(checkpoint)["config"])
+    artifacts = {"generator": str(write_generator(checkpoint, workdir / "generator.pt"))}
+    weights = saved.model.clip_pretrained
+    local_weights = bool(weights) and Path(weights).is_file()
+    if weights and not local_weights and (os.path.sep in weights or weights.endswith((".pt", ".pth", ".safetensors"))):
+        raise RegistryError(f"the checkpoint's CLIP weights {weights!r} are not on this machine; cannot package the model")
+    if local_weights:
+        artifacts["clip_weights"] = weights
+    reference = clip_reference(saved.model, saved.train.seed, Path(weights).name if local_weights else None)
+    (workdir / "clip_reference.json").write_text(json.dumps(reference, indent=2))
+    artifacts["clip_reference"] = str(workdir / "clip_reference.json")
+    return artifacts
+
+
+def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
+    """Log the pyfunc to ``run_id``; returns the model URI."""
+    import mlflow
+
+    from . import serving
+
+    configure(cfg)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.GalipTextToImage(),
+            artifacts=model_artifacts(checkpoint, Path(tmp)),
+            signature=serving.signature(),
+            pip_requirements=pip_requirements(),
+            # The galip package travels with the model, so serving needs no checkout of this repository.
+            code_paths=[str(Path(__file__).resolve().parent)],
+        )
+    return info.model_uri
+
+
+def _better(value: float, than: float, direction: str) -> bool:
+    return value > than if direction == "higher" else value < than
+
+
+def _version_metric(client, name: str, version, metric: str) -> float | None:
+    """The gate metric recorded at registration (tag), else the version's run metric."""
+    tag = version.tags.get(GATE_TAG_PREFIX + metric)
+    if tag is not None:
+        return float(tag)
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+        return float(value) if value is not None else None
+    return None
+
+
+def _current_champion(client, cfg: Config):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(cfg.mlflow.model_name, cfg.mlflow.champion_alias)
+    except MlflowException:
+        return None  # no champion yet
+
+
+def gate(cfg: Config, version: str, value: float | None) -> GateDecision:
+    """Move ``champion`` to ``version`` only if its gate metric beats the current champion's."""
+    from mlflow import MlflowClient
+
+    m = cfg.mlflow
+    client = MlflowClient(tracking_uri(cfg))
+    champion = _current_champion(client, cfg)
+    champ_value = _version_metric(client, m.model_name, champion, m.gate_metric) if champion else None
+
+    def decide(promote: bool, reason: str) -> GateDecision:
+        if promote:
+            client.set_registered_model_alias(m.model_name, m.champion_alias, version)
+        after = version if promote else (champion.version if champion else None)
+        return GateDecision(promote, reason, version, after, m.gate_metric, value, champ_value)
+
+    if value is None or math.isnan(value):
+        return decide(False, f"version {version} has no finite {m.gate_metric}; champion unchanged")
+    if champion is None:
+        return decide(True, f"no {m.champion_alias} yet: version {version} ({m.gate_metric}={value:.4g}) becomes it")
+    if champion.version == version:
+        return decide(False, f"version {version} already is {m.champion_alias}")
+    if champ_value is None:
+        return decide(
+            False,
+            f"{m.champion_alias} v{champion.version} has no {m.gate_metric} to compare with (set by hand?); "
+            f"it stays. Move the alias in the MLflow UI to promote v{version}",
+        )
+    better = _better(value, champ_value, m.gate_direction)
+    verdict = "beats" if better else "does not beat"
+    return decide(
+        better,
+        f"v{version} {m.gate_metric}={value:.4g} {verdict} {m.champion_alias} v{champion.version} "
+        f"({champ_value:.4g}; {m.gate_direction} is better)" + ("" if better else "; champion unchanged"),
+    )
+
+
+def register(cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any]) -> tuple[str, GateDecision]:
+    """Register ``model_uri``, tag it with its metrics, alias it challenger, then run the champion gate."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    m = cfg.mlflow
+    configure(cfg)
+    version = mlflow.register_model(model_uri, m.model_name).version
+    client = MlflowClient(tracking_uri(cfg))
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, str(float(value)))
+    client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
+    client.set_registered_model_alias(m.model_name, m.challenger_alias, version)
+    raw = metrics.get(m.gate_metric)
+    decision = gate(cfg, str(version), float(raw) if isinstance(raw, (int, float)) else None)
+    client.set_model_version_tag(m.model_name, version, "gate_decision", decision.reason)
+    return str(version), decision
+
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file (run `galip evaluate` first)")
+    return json.loads(path.read_text())
+
+
+def register_from_files(cfg: Config, metrics_path: Path, checkpoint: Path | None, run_id: str | None) -> dict[str, Any]:
+    """CLI path: metrics.json (+ the checkpoint it names) -> logged, registered, gated model."""
+    import mlflow
+
+    metrics = load_metrics(Path(metrics_path))
+    ckpt = Path(checkpoint or metrics.get("protocol", {}).get("checkpoint", ""))
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint)")
+    configure(cfg)
+    if run_id is None:
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        with mlflow.start_run() as run:
+            run_id = run.info.run_id
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    mlflow.MlflowClient(tracking_uri(cfg)).log_batch(
+        run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in flat.items()]
+    )
+    model_uri = log_model(cfg, ckpt, run_id)
+    version, decision = register(cfg, model_uri, run_id, flat)
+    return {"model_uri": model_uri, "name": cfg.mlflow.model_name, "version": version, "run_id": run_id, **asdict(decision)}

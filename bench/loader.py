@@ -1,6 +1,6 @@
 """Training-loader throughput (images/s) at 64 and 224 px for 0, 1, 2 DataLoader workers.
 
-    python bench/loader.py [--images 2000] [--batch 32]
+    python bench/loader.py [--images 2000] [--batch 32] > bench/results/cpu_loader.jsonl
 
 Writes demo-scene JPEG shards once per size under bench/out/, then times full passes of
 galip.data.build_loader (decode + reference augmentation + tokenisation + batching).
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,12 +57,14 @@ def main() -> None:
                 f"data.load_size={max(load, size)}", f"data.crop_size={size}", "data.shuffle_buffer=256",
             ], profile="demo")
             loader, stats = build_loader(cfg.data, tokenizer, args.batch, seed=0)
+            load_avg = os.getloadavg()[0]  # the machine is shared: a busy one explains slow numbers
             t0 = time.perf_counter()
             n = sum(b[0].shape[0] for b in loader)
             dt = time.perf_counter() - t0
             print(json.dumps({"bench": "loader", "image_size": size, "workers": workers, "batch": args.batch,
                               "images": n, "seconds": round(dt, 2), "images_per_s": round(n / dt, 1),
-                              "skipped": stats.skipped}))
+                              "skipped": stats.skipped, "dropped_partial_batch": stats.dropped,
+                              "load_avg_1m": round(load_avg, 2)}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .config import DataConfig
 from .storage import s3_filesystem
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+PARTIAL_BATCH = "partial_last_batch"
 CAPTION_KEYS = ("txt", "caption")
 
 
@@ -52,7 +53,13 @@ class LoaderStats:
 
     @property
     def skipped(self) -> int:
-        return sum(self.reasons.values())
+        """Unusable samples (corrupt image, missing caption, unreadable tar member)."""
+        return sum(n for reason, n in self.reasons.items() if reason != PARTIAL_BATCH)
+
+    @property
+    def dropped(self) -> int:
+        """Good samples left over at the end of a pass, short of a full batch."""
+        return self.reasons.get(PARTIAL_BATCH, 0)
 
 
 class _SkipCounter:
@@ -112,10 +119,10 @@ def augment(img: Image.Image, data_cfg: DataConfig, rng: random.Random) -> torch
     img = TF.crop(img, top, left, c, c)
     if data_cfg.hflip and rng.random() < 0.5:
         img = TF.hflip(img)
-    # numpy, not TF.to_tensor: torch's intra-op threads make this small op ~20x slower when the
-    # loader runs in the training process (data.workers=0) next to the model's threads
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    # numpy, not torch ops: in the training process (data.workers=0) torch's intra-op threads wait on
+    # the model's threads, and .contiguous()/stack on an image got 20-50x slower (bench/loader.py)
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _caption(sample: dict[str, Any], rng: random.Random) -> str | None:
@@ -187,12 +194,13 @@ def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iter
         items.append(item)
         if len(items) == batch_size:
             images, tokens, captions = zip(*items)
-            yield torch.stack(images), torch.stack(tokens), list(captions), worker, dict(counter.counts)
+            batch = torch.from_numpy(np.stack([im.numpy() for im in images]))  # numpy: see augment()
+            yield batch, torch.stack(tokens), list(captions), worker, dict(counter.counts)
             items = []
     # A partial last batch is dropped (batches must stack; every rank must take equal steps), but
     # counted; a final marker carries the counts made after this worker's last batch.
     if items:
-        counter.skip("partial_last_batch", len(items))
+        counter.skip(PARTIAL_BATCH, len(items))
     yield _END, None, None, worker, dict(counter.counts)
 
 

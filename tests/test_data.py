@@ -140,9 +140,9 @@ def test_skips_are_summed_over_workers_and_partial_batches_counted(tmp_path, tok
     assert len(captions) == 8  # 5 good per worker -> 2 full batches each, 1 left over each
     reasons = stats.reasons
     assert sum(v for k, v in reasons.items() if k.startswith("bad_image")) == 2
-    assert reasons["partial_last_batch"] == 2 and stats.skipped == 4
+    assert reasons["partial_last_batch"] == 2 and stats.skipped == 2 and stats.dropped == 2
     # a second epoch adds its own counts (new worker processes start from zero)
-    assert len([c for _, _, caps in loader for c in caps]) == 8 and stats.skipped == 8
+    assert len([c for _, _, caps in loader for c in caps]) == 8 and (stats.skipped, stats.dropped) == (4, 4)
 
 
 def test_shard_order_is_shuffled_per_epoch_and_shared_by_ranks(tmp_path, tokenizer):

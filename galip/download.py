@@ -50,7 +50,7 @@ class ListStats:
 
 
 # --- (1) the URL list -------------------------------------------------------------------------------
-def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[str, str]]:
+def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[int, str, str]]:
     """url<TAB>caption rows, no header, no quoting: every other shape is malformed and counted."""
     with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
         for line_no, line in enumerate(fh, start=1):
@@ -61,11 +61,10 @@ def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[str, str]]:
             if len(fields) != 2 or not fields[0].strip():
                 stats.bad(line_no)
                 continue
-            stats.rows += 1
-            yield fields[0].strip(), fields[1]
+            yield line_no, fields[0].strip(), fields[1]
 
 
-def _parquet_rows(path: Path, url_col: str, caption_col: str, stats: ListStats) -> Iterator[tuple[str, str]]:
+def _parquet_rows(path: Path, url_col: str, caption_col: str, stats: ListStats) -> Iterator[tuple[int, str, str]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -79,8 +78,7 @@ def _parquet_rows(path: Path, url_col: str, caption_col: str, stats: ListStats) 
             if not url:
                 stats.bad(line_no)
                 continue
-            stats.rows += 1
-            yield url, caption or ""
+            yield line_no, url, caption or ""
 
 
 def _write_parts(rows: Iterator[tuple[str, str]], out_dir: Path) -> list[Path]:
@@ -114,7 +112,9 @@ def _write_parts(rows: Iterator[tuple[str, str]], out_dir: Path) -> list[Path]:
 def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refused_url: str = "") -> ListStats:
     """Stream ``data.url_list`` (TSV or parquet) into parquet parts under ``out_dir``.
 
-    ``base_url`` resolves relative URLs (the demo list) against the local HTTP server.
+    ``base_url`` resolves relative URLs (the demo list) against the local HTTP server. Absolute
+    paths become file:// URLs; any other URL without a scheme is malformed (img2dataset would fail
+    on it silently: rc 0, empty shards).
     """
     from .demo_data import REFUSED_PREFIX
 
@@ -127,12 +127,19 @@ def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refuse
     else:
         rows = _tsv_rows(src, stats)
 
-    def resolve(it: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-        for url, caption in it:
+    def resolve(it: Iterator[tuple[int, str, str]]) -> Iterator[tuple[str, str]]:
+        for line_no, url, caption in it:
             if url.startswith(REFUSED_PREFIX):
                 url = f"{refused_url}/{url[len(REFUSED_PREFIX):]}"
-            elif "://" not in url and base_url:
-                url = f"{base_url}/{url}"
+            elif "://" not in url:
+                if url.startswith("/"):
+                    url = f"file://{url}"
+                elif base_url:
+                    url = f"{base_url}/{url}"
+                else:
+                    stats.bad(line_no)
+                    continue
+            stats.rows += 1
             yield url, caption
 
     _write_parts(resolve(rows), out_dir)

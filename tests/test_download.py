@@ -144,6 +144,8 @@ def test_headerless_tsv_keeps_every_good_row(tmp_path):
         "https://example.invalid/e.jpg\tcaption after the bad row \"with quotes\"",
         "\tno url",
         "https://example.invalid/f.jpg\t",
+        "images/relative.jpg\ta URL without a scheme",
+        "/abs/g.jpg\ta local file",
     ]
     tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = load_config("params.yaml", [f"data.url_list={tsv}"], profile="cc12m")
@@ -151,10 +153,11 @@ def test_headerless_tsv_keeps_every_good_row(tmp_path):
     import pandas as pd
 
     rows = pd.read_parquet(tmp_path / "parts")
-    assert list(rows["url"].str[-5:]) == ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "f.jpg"]
+    assert list(rows["url"].str[-5:]) == ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "f.jpg", "g.jpg"]
+    assert rows["url"].iloc[-1] == "file:///abs/g.jpg"
     assert rows["caption"].tolist()[1] == '"quoted at the start, never closed'
     assert rows["caption"].tolist()[2] == "unicode caption: café — 東京 🚀"
-    assert (stats.rows, stats.malformed, stats.malformed_lines) == (5, 2, [4, 6])
+    assert (stats.rows, stats.malformed, stats.malformed_lines) == (6, 3, [4, 6, 8])
 
 
 def test_missing_list_names_the_key(tmp_path):

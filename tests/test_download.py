@@ -164,3 +164,28 @@ def test_missing_list_names_the_key(tmp_path):
     cfg = load_config("params.yaml", [f"data.url_list={tmp_path / 'nope.tsv'}"], profile="cc12m")
     with pytest.raises(FileNotFoundError, match="data.url_list"):
         prepare_url_list(cfg.data, tmp_path / "parts")
+
+
+def test_list_conversion_memory_does_not_grow_with_the_list(tmp_path, monkeypatch):
+    import tracemalloc
+
+    import galip.download as dl
+
+    monkeypatch.setattr(dl, "PART_ROWS", 5_000)
+
+    def peak_for(n_rows: int) -> int:
+        tsv = tmp_path / f"{n_rows}.tsv"
+        with open(tsv, "w") as fh:
+            for i in range(n_rows):
+                fh.write(f"https://example.invalid/{i:09d}.jpg\tcaption number {i} with some words in it\n")
+        cfg = load_config("params.yaml", [f"data.url_list={tsv}"], profile="cc12m")
+        tracemalloc.start()
+        stats = prepare_url_list(cfg.data, tmp_path / f"parts-{n_rows}")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert stats.rows == n_rows
+        return peak
+
+    peak_for(1_000)  # first call: one-off import and config allocations
+    small, large = peak_for(20_000), peak_for(200_000)
+    assert large < 1.5 * small, (small, large)  # 10x the rows, about the same peak

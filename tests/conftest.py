@@ -89,3 +89,148 @@ def s3_bucket(s3_server):
     name = f"galip-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return s3_server, name
+
+
+# --- servers for orchestration tests (PostgreSQL, MLflow, Prefect): real processes on loopback ---------
+import os as _os
+import shutil as _shutil
+import signal as _signal
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+}
+
+
+def venv_bin(name: str) -> str:
+    return str(Path(_sys.executable).parent / name)
+
+
+def wait_until(check, timeout: float, what: str, proc: "_subprocess.Popen | None" = None, log: Path | None = None) -> None:
+    deadline = _time.monotonic() + timeout
+    while _time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:] if log else ''}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        _time.sleep(0.5)
+    raise TimeoutError(f"{what} not up after {timeout} s:\n{log.read_text()[-3000:] if log else ''}")
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+def start_process(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> "_subprocess.Popen":
+    """A server in its own session (so stop_process can end its children too), output to ``log``."""
+    fh = open(log, "wb")
+    return _subprocess.Popen(argv, stdout=fh, stderr=_subprocess.STDOUT, env={**_os.environ, **TELEMETRY_OFF, **(env or {})}, cwd=cwd, start_new_session=True)
+
+
+def stop_process(proc: "_subprocess.Popen", grace: float = 15) -> None:
+    """SIGTERM the process group twice (a Prefect worker ignores the first), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    for _ in range(2):
+        try:
+            _os.killpg(proc.pid, _signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace / 2)
+            return
+        except _subprocess.TimeoutExpired:
+            pass
+    _os.killpg(proc.pid, _signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """initdb/pg_ctl refuse to run as root: run them as the `postgres` system user when we are root."""
+    if _os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """PostgreSQL 15 on a free loopback port (initdb + pg_ctl, socket in a temp dir); yields a SQLAlchemy URI."""
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 binaries not found in {PG_BIN} (this machine image should have them)")
+    import tempfile
+
+    # Not under pytest's tmp dirs: those are root-only (0700), and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="galip-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if _os.geteuid() == 0:
+        _shutil.chown(root, "postgres", "postgres")
+        _shutil.chown(sock, "postgres", "postgres")
+    port = free_port()
+    _subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "galip", "--auth=trust", "-E", "UTF8"]), check=True, capture_output=True)
+    opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={sock} -c fsync=off"
+    _subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "pg.log"), "-w", "start"]), check=True, capture_output=True)
+    try:
+        _subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "galip", "mlflow"], check=True, capture_output=True)
+        yield f"postgresql+psycopg2://galip@127.0.0.1:{port}/mlflow"
+    finally:
+        _subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), check=False, capture_output=True)
+        _shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_server, s3_server, tmp_path_factory):
+    """MLflow tracking server: PostgreSQL backend store, artifacts on the loopback S3; yields its URL."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="galip-artifacts")
+    port = free_port()
+    log = tmp_path_factory.mktemp("mlflow") / "server.log"
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3_server, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = start_process(
+        [venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", postgres_server, "--artifacts-destination", "s3://galip-artifacts/mlflow"],
+        log, env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{url}/health"), 120, "mlflow server", proc, log)
+        yield url
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-step GALIP checkpoint of the shrunk demo model whose CLIP is a local weights file
+    (as the demo's trained CLIP is), for registry and serving tests."""
+    import open_clip
+
+    from galip.clip import register_project_model_configs
+    from galip.train import run
+    from helpers import tiny_config, write_shards
+
+    tmp = tmp_path_factory.mktemp("tiny_ckpt")
+    register_project_model_configs()
+    clip_path = tmp / "clip" / "galip-tiny.pt"
+    clip_path.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("galip-tiny", pretrained=None).state_dict(), clip_path)
+    shards = write_shards(tmp / "shards", n_samples=16, per_shard=8)
+    cfg = tiny_config(tmp, shards, "train.max_steps=2", f"model.clip_pretrained={clip_path}")
+    result = run(cfg)
+    return Path(result["checkpoint"])

@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,7 +154,7 @@ def _prepare(src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _Ski
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 image = augment(img, data_cfg, rng)
-        except Exception as exn:  # truncated / corrupt encodings: count, keep going
+        except Exception as exn:  # noqa: BLE001 - any decode failure: count, keep going
             counter.skip(f"bad_image:{type(exn).__name__}")
             continue
         yield image, tokenizer([caption])[0], caption
@@ -212,7 +213,7 @@ class Loader:
     set here, in the main process, because DataLoader workers run on copies of the pipeline.
     """
 
-    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats, shard_order: "_ShardOrder | None") -> None:
+    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats, shard_order: _ShardOrder | None) -> None:
         self.dataloader, self.stats, self.shard_order = dataloader, stats, shard_order
         self.epoch = -1
 

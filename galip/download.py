@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .config import Config, DataConfig
 
@@ -148,14 +149,14 @@ def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refuse
 
 # --- the demo's local HTTP source ------------------------------------------------------------------------
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 @contextlib.contextmanager
 def serve_directory(path: Path) -> Iterator[str]:
     """Serve ``path`` over HTTP on 127.0.0.1 (free port) for the duration; yields the base URL."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(path), **kw)  # noqa: E731
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(path), **kw)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_shards
 from PIL import Image
 
 from galip.clip import load_clip
 from galip.config import load_config
 from galip.data import ShardSplitError, build_loader
-
-from helpers import write_shards
 
 
 @pytest.fixture(scope="module")

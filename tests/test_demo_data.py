@@ -12,7 +12,14 @@ import pytest
 from scipy import ndimage
 
 from galip import demo_data as dd
-from galip.demo_data import SceneAttributes, caption_for, held_out_prompts, make_demo_dataset, parse_caption, render_scene
+from galip.demo_data import (
+    SceneAttributes,
+    caption_for,
+    held_out_prompts,
+    make_demo_dataset,
+    parse_caption,
+    render_scene,
+)
 
 ALL_ATTRIBUTES = [
     SceneAttributes(shape=s, colour=c, position=p, size=z, count=n)
@@ -98,7 +105,7 @@ def _nearest_colour(rgb: np.ndarray) -> str:
 def test_rendered_scene_shows_its_attributes_at_64px(attrs):
     img = np.asarray(render_scene(attrs, 64, np.random.default_rng(0)).convert("RGB")).astype(np.float32)
     foreground = np.abs(img - np.array(dd.BACKGROUND)).sum(-1) > 90
-    labels, n = ndimage.label(foreground)
+    _, n = ndimage.label(foreground)
     assert n == attrs.count
     assert _nearest_colour(np.median(img[foreground], axis=0)) == attrs.colour
     ys, xs = np.nonzero(foreground)

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from galip.config import load_config
-from galip.download import StaleShardsError, failure_reason, incomplete_shards, prepare_url_list, run
+from galip.download import (
+    StaleShardsError,
+    failure_reason,
+    incomplete_shards,
+    prepare_url_list,
+    run,
+)
 
 N_IMAGES = 60
 
@@ -31,7 +37,7 @@ def downloaded(tmp_path_factory):
 
 @pytest.mark.slow
 def test_img2dataset_over_loopback_counts_every_broken_entry(downloaded):
-    root, cfg, report = downloaded
+    root, _, report = downloaded
     assert report["rows"] == N_IMAGES + 5 and report["successes"] == N_IMAGES and report["failed"] == 5
     reasons = report["failure_reasons"]
     assert sum(reasons.values()) == 5
@@ -67,7 +73,7 @@ def test_loader_reads_the_downloaded_shards(downloaded):
     from galip.data import build_loader
     from galip.demo_data import parse_caption
 
-    root, cfg, _ = downloaded
+    _, cfg, _ = downloaded
     data = cfg.data.model_copy(update={"resampled": False, "workers": 0})
     loader, stats = build_loader(data, load_clip("galip-tiny").tokenizer, 10, seed=0)
     batches = list(loader)
@@ -176,8 +182,7 @@ def test_list_conversion_memory_does_not_grow_with_the_list(tmp_path, monkeypatc
     def peak_for(n_rows: int) -> int:
         tsv = tmp_path / f"{n_rows}.tsv"
         with open(tsv, "w") as fh:
-            for i in range(n_rows):
-                fh.write(f"https://example.invalid/{i:09d}.jpg\tcaption number {i} with some words in it\n")
+            fh.writelines(f"https://example.invalid/{i:09d}.jpg\tcaption number {i} with some words in it\n" for i in range(n_rows))
         cfg = load_config("params.yaml", [f"data.url_list={tsv}"], profile="cc12m")
         tracemalloc.start()
         stats = prepare_url_list(cfg.data, tmp_path / f"parts-{n_rows}")

@@ -17,7 +17,7 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> str:
     full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC": DVC, **env}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc.stdout
 

@@ -234,3 +234,63 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     cfg = tiny_config(tmp, shards, "train.max_steps=2", f"model.clip_pretrained={clip_path}")
     result = run(cfg)
     return Path(result["checkpoint"])
+
+
+TINY_DEMO = {
+    "data": {"demo_images": 200, "samples_per_shard": 100},
+    "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2},
+    "model": {"ngf": 8, "ndf": 8, "code_channels": 8, "code_mid_channels": 8, "mapper_blocks": 1},
+    "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 3},
+    "eval": {"n_samples": 20, "batch_size": 10, "r_precision_candidates": 10, "grid_n": 2},
+}
+
+
+def make_tiny_project(dst: Path) -> Path:
+    """A git checkout of this project's tracked files with a seconds-sized demo profile in params.yaml."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    files = _subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = root / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            _shutil.copy2(src, dst / rel)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in TINY_DEMO.items():
+        params["profiles"]["demo"].setdefault(section, {}).update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**_os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
+        _subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)
+    return dst
+
+
+@pytest.fixture
+def tiny_project(tmp_path) -> Path:
+    return make_tiny_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A Prefect server (own PREFECT_HOME, SQLite) and a process worker for pool galip-local, both on
+    loopback; yields the environment a Prefect CLI call needs."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "false"}
+    server = start_process([venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", {**env, "PREFECT_API_URL": ""})
+    worker = None
+    try:
+        wait_until(lambda: http_ok(f"{api}/health"), 120, "prefect server", server, home / "server.log")
+        worker = start_process([venv_bin("prefect"), "worker", "start", "--pool", "galip-local", "--type", "process"], home / "worker.log", env)
+        full_env = {**_os.environ, **TELEMETRY_OFF, **env}
+        wait_until(
+            lambda: _subprocess.run([venv_bin("prefect"), "work-pool", "inspect", "galip-local"], env=full_env, capture_output=True).returncode == 0,
+            90, "work pool galip-local", worker, home / "worker.log",
+        )  # fmt: skip
+        yield {"env": full_env, "worker_log": home / "worker.log", "api": api}
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        stop_process(server)

@@ -1,0 +1,61 @@
+"""dvc.yaml: `dvc repro` runs the demo end to end on tiny params, a second run is a no-op, and
+`dvc exp run -S train.lr_g=...` re-trains and re-evaluates without re-running the data or CLIP stages."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TELEMETRY_OFF, venv_bin
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "clip", "train", "evaluate"]
+
+
+def dvc(project: Path, *args: str, timeout: float = 420) -> str:
+    import os
+
+    env = {**os.environ, **TELEMETRY_OFF, "PATH": f"{Path(venv_bin('dvc')).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([venv_bin("dvc"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_stages_match_the_flow_commands():
+    """The flow runs these exact command lines when it does not go through DVC: they must not drift."""
+    from flows.galip_train import GalipTrainParams, stage_commands
+
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    commands = stage_commands(GalipTrainParams(profile="demo"))
+    assert set(commands) == set(STAGES)
+    for name, argv in commands.items():
+        assert stages[name]["cmd"] == shlex.join(argv), name
+
+
+def test_dvc_repro_end_to_end_then_noop_then_experiment(tiny_project):
+    import torch
+
+    subprocess.run([venv_bin("galip"), "demo-data", "--profile", "demo"], cwd=tiny_project, check=True, capture_output=True)
+    out = dvc(tiny_project, "repro", "evaluate")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, stage
+    metrics = json.loads((tiny_project / "runs/demo/eval/metrics.json").read_text())
+    assert {"prompt_fidelity", "r_precision", "fd_clip"} <= set(metrics)
+    assert (tiny_project / "runs/demo/clip/galip-tiny.pt").is_file()
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
+    assert set(STAGES) <= set(lock)
+    assert lock["train"]["params"]["params.yaml"]["profiles.demo.train"]["max_steps"] == 6
+
+    again = dvc(tiny_project, "repro", "evaluate")
+    assert "Running stage" not in again and "up to date" in again
+
+    exp = dvc(tiny_project, "exp", "run", "-S", "train.lr_g=0.0002", "evaluate")
+    assert "Running stage 'train'" in exp and "Running stage 'evaluate'" in exp
+    assert "Running stage 'download'" not in exp and "Running stage 'clip'" not in exp
+    ckpt = sorted((tiny_project / "runs/demo/checkpoints").glob("ckpt_*.pt"))[-1]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["config"]["train"]["lr_g"] == pytest.approx(2e-4)

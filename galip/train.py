@@ -288,15 +288,36 @@ class Trainer:
 
 
 # --- data ---------------------------------------------------------------------------------------------
-def micro_batch_stream(cfg: Config, env: DistEnv, tokenizer, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+class DataCounts:
+    """Samples the loaders skipped (corrupt, no caption) or dropped (partial batches), this process."""
+
+    def __init__(self) -> None:
+        self.finished = {"data_skipped": 0, "data_dropped": 0}
+        self.current = None
+
+    def as_dict(self) -> dict[str, int]:
+        cur = self.current
+        return {
+            "data_skipped": self.finished["data_skipped"] + (cur.skipped if cur else 0),
+            "data_dropped": self.finished["data_dropped"] + (getattr(cur, "dropped", 0) if cur else 0),
+        }
+
+    def close_segment(self) -> None:
+        self.finished, self.current = self.as_dict(), None
+
+
+def micro_batch_stream(
+    cfg: Config, env: DistEnv, tokenizer, start_step: int, counts: DataCounts | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, tokens) micro-batches; the loader is rebuilt at each checkpoint boundary."""
     from .data import build_loader
 
+    counts = counts or DataCounts()
     per_step = cfg.train.grad_accum
     step = start_step
     while True:
         seg_end = (step // cfg.train.ckpt_every + 1) * cfg.train.ckpt_every
-        loader, _ = build_loader(
+        loader, counts.current = build_loader(
             cfg.data, tokenizer, cfg.train.batch_size,
             seed=segment_seed(cfg.train.seed, env.rank, step), rank=env.rank, world_size=env.world_size,
         )
@@ -309,6 +330,7 @@ def micro_batch_stream(cfg: Config, env: DistEnv, tokenizer, start_step: int) ->
                 batch = next(it)
             yield batch[0], batch[1]
         del it
+        counts.close_segment()
         step = seg_end
 
 
@@ -421,7 +443,8 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         return result
 
     train_log = TrainLog(out_dir / "train_log.csv", trainer.step) if env.is_main else None
-    stream = micro_batch_stream(cfg, env, trainer.clip.tokenizer, trainer.step)
+    data_counts = DataCounts()
+    stream = micro_batch_stream(cfg, env, trainer.clip.tokenizer, trainer.step, data_counts)
     images_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     t0, done_since = time.perf_counter(), 0
@@ -435,7 +458,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         bar.update(1)
         bar.set_postfix(d=f"{losses_now['loss_d']:.3f}", g=f"{losses_now['loss_g']:.3f}", img_s=f"{ips:.1f}")
         if train_log is not None and (step % cfg.train.log_every == 0 or step == max_steps):
-            row = {**{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3)}
+            row = {**{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3), **data_counts.as_dict()}
             train_log.write({"step": step, **row})
             tracker.log_metrics(row, step)
         if env.is_main and (step % cfg.train.sample_every == 0 or step == max_steps):

@@ -57,8 +57,9 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, shards):
 
     # the loss log was cut back to step 2 on resume, then continued: one row per step, no duplicates
     with open(tmp_path / "b/run/train_log.csv") as fh:
-        steps = [int(r["step"]) for r in csv.DictReader(fh)]
-    assert steps == [1, 2, 3, 4]
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(r["data_skipped"] == "0" for r in rows)  # the loader's skip counts reach the log
     assert sorted(p.name for p in (tmp_path / "b/run/samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
 
 

@@ -9,6 +9,7 @@ then points at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,7 +103,10 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
     from . import serving
 
     configure(cfg)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    active = mlflow.active_run()
+    # The orchestrator may already hold run_id open (the flow's run); log into it rather than reopen it.
+    in_run = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
+    with tempfile.TemporaryDirectory() as tmp, in_run:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=serving.GalipTextToImage(),

@@ -67,7 +67,7 @@ def test_demo_deployment_runs_end_to_end_and_cc12m_fails_fast(prefect_server, ti
 
     client = MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("galip", "champion")
-    assert client.get_model_version_by_alias("galip", "challenger").version == version.version == "1"
+    assert str(client.get_model_version_by_alias("galip", "challenger").version) == str(version.version) == "1"
     mlrun = client.get_run(version.run_id)
     assert "eval/prompt_fidelity" in mlrun.data.metrics and "loss_g" in mlrun.data.metrics
     assert len(client.get_metric_history(mlrun.info.run_id, "loss_g")) == 6, "per-step losses from the torchrun trainer"

@@ -22,11 +22,16 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -69,7 +74,7 @@ class GalipTrainParams(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _resolves(self) -> "GalipTrainParams":
+    def _resolves(self) -> GalipTrainParams:
         self.config()  # unknown keys, wrong types, unknown profile: rejected here, naming the key
         return self
 

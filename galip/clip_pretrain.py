@@ -37,7 +37,7 @@ def _patch_webdataset_eof() -> None:
     """open_clip_train's tar grouping predates webdataset 0.2.100's end-of-shard ``{}`` markers and
     fails with ``KeyError: 'fname'`` on them; ask the expander not to emit them (same samples otherwise)."""
     import open_clip_train.data as oct_data
-    import webdataset.tariterators as tariterators
+    from webdataset import tariterators
 
     if not isinstance(oct_data.tar_file_expander, functools.partial):
         oct_data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)

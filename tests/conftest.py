@@ -114,7 +114,7 @@ def venv_bin(name: str) -> str:
     return str(Path(_sys.executable).parent / name)
 
 
-def wait_until(check, timeout: float, what: str, proc: "_subprocess.Popen | None" = None, log: Path | None = None) -> None:
+def wait_until(check, timeout: float, what: str, proc: _subprocess.Popen | None = None, log: Path | None = None) -> None:
     deadline = _time.monotonic() + timeout
     while _time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -135,13 +135,13 @@ def http_ok(url: str) -> bool:
         return r.status == 200
 
 
-def start_process(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> "_subprocess.Popen":
+def start_process(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> _subprocess.Popen:
     """A server in its own session (so stop_process can end its children too), output to ``log``."""
     fh = open(log, "wb")
     return _subprocess.Popen(argv, stdout=fh, stderr=_subprocess.STDOUT, env={**_os.environ, **TELEMETRY_OFF, **(env or {})}, cwd=cwd, start_new_session=True)
 
 
-def stop_process(proc: "_subprocess.Popen", grace: float = 15) -> None:
+def stop_process(proc: _subprocess.Popen, grace: float = 15) -> None:
     """SIGTERM the process group twice (a Prefect worker ignores the first), then SIGKILL."""
     if proc.poll() is not None:
         return
@@ -219,10 +219,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-step GALIP checkpoint of the shrunk demo model whose CLIP is a local weights file
     (as the demo's trained CLIP is), for registry and serving tests."""
     import open_clip
+    from helpers import tiny_config, write_shards
 
     from galip.clip import register_project_model_configs
     from galip.train import run
-    from helpers import tiny_config, write_shards
 
     tmp = tmp_path_factory.mktemp("tiny_ckpt")
     register_project_model_configs()
@@ -286,7 +286,7 @@ def prefect_server(tmp_path_factory):
         worker = start_process([venv_bin("prefect"), "worker", "start", "--pool", "galip-local", "--type", "process"], home / "worker.log", env)
         full_env = {**_os.environ, **TELEMETRY_OFF, **env}
         wait_until(
-            lambda: _subprocess.run([venv_bin("prefect"), "work-pool", "inspect", "galip-local"], env=full_env, capture_output=True).returncode == 0,
+            lambda: _subprocess.run([venv_bin("prefect"), "work-pool", "inspect", "galip-local"], env=full_env, capture_output=True, check=False).returncode == 0,
             90, "work pool galip-local", worker, home / "worker.log",
         )  # fmt: skip
         yield {"env": full_env, "worker_log": home / "worker.log", "api": api}

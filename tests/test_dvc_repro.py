@@ -21,7 +21,7 @@ def dvc(project: Path, *args: str, timeout: float = 420) -> str:
     import os
 
     env = {**os.environ, **TELEMETRY_OFF, "PATH": f"{Path(venv_bin('dvc')).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run([venv_bin("dvc"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([venv_bin("dvc"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 

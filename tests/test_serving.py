@@ -7,7 +7,14 @@ import urllib.request
 import uuid
 
 import pytest
-from conftest import free_port, http_ok, start_process, stop_process, venv_bin, wait_until
+from conftest import (
+    free_port,
+    http_ok,
+    start_process,
+    stop_process,
+    venv_bin,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 

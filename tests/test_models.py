@@ -106,13 +106,15 @@ def test_image_features_match_open_clip(tiny):
     assert torch.allclose(feats[:, -1], expect, atol=1e-5)
 
 
-def test_reference_pixel_normalisation(tiny):
-    clip, _ = tiny
+def test_reference_pixel_normalisation():
+    clip = load_clip("galip-tiny", "", pixel_norm="reference")
     black = -torch.ones(1, 3, 64, 64)
     white = torch.ones(1, 3, 64, 64)
     # reference: [-1, 1] -> [0, 1] -> (x + 1) / 2 -> [0.5, 1] before mean/std
     assert torch.allclose(clip.to_clip_input(black)[0, :, 0, 0], ((0.5 - clip.mean) / clip.std).flatten())
     assert torch.allclose(clip.to_clip_input(white)[0, :, 0, 0], ((1.0 - clip.mean) / clip.std).flatten())
+    standard = load_clip("galip-tiny", "", pixel_norm="standard")
+    assert torch.allclose(standard.to_clip_input(black)[0, :, 0, 0], ((0.0 - clip.mean) / clip.std).flatten())
 
 
 def test_mapper_without_prompts_is_the_plain_vit_and_prompts_matter(tiny):

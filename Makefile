@@ -11,6 +11,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
+# Tools the pipeline and tests start by name (uvicorn for `mlflow models serve`, dvc, prefect, galip,
+# torchrun) must resolve to the project's environment even when it is not activated.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install test test-fast demo ui stop clean
 

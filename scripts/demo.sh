@@ -17,7 +17,7 @@ step "deploying galip-train/demo (prefect.yaml) and galip-train/cc12m (local sta
 "$PY" -m flows.deploy_local "$GALIP_POOL" >>"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
 step "running galip-train/demo (full stage logs: Prefect UI, or $PREFECT_HOME/worker.log)"
 # One progress line per stage: the flow's stage start/finish lines, picked out of the worker's log.
-tail -n0 -F "$PREFECT_HOME/worker.log" 2>/dev/null | grep --line-buffered -E "\[(download|clip|train|evaluate)\] (dvc|galip|torchrun|done)|gate:|registered|metrics:| - data: " \
+tail -n0 -F "$PREFECT_HOME/worker.log" 2>/dev/null | grep --line-buffered -E "\[(download|clip|train|evaluate)\] (dvc|galip|torchrun|done)|gate:|registered| - metrics: | - data: " \
   | sed -u -E 's/^.*\| (prefect\.(flow|task)_runs|.*) - /  /' &
 TAIL_PID=$!
 rc=0

@@ -22,7 +22,13 @@ def main(argv: list[str]) -> int:
     name = cfg.mlflow.model_name
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     latest = versions[-1] if versions else None
-    aliases = {a: v.version for v in versions for a in v.aliases}
+    # search results leave aliases out: ask for each alias this project uses
+    aliases = {}
+    for alias in (cfg.mlflow.champion_alias, cfg.mlflow.challenger_alias):
+        try:
+            aliases[alias] = client.get_model_version_by_alias(name, alias).version
+        except Exception:  # noqa: BLE001 - alias not set
+            pass
     lines = [
         "",
         "Where to look",

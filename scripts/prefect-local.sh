@@ -31,7 +31,7 @@ prefect_server_up() {
   export PREFECT_API_URL="http://127.0.0.1:$port/api"
   PREFECT_API_URL= PREFECT_UI_API_URL="$PREFECT_API_URL" setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
     >"$PREFECT_HOME/server.log" 2>&1 < /dev/null &
-  echo $! >"$PREFECT_HOME/server.pid"
+  echo $! >"$PREFECT_HOME/server.pid"; disown
   _wait_for 120 "Prefect server on port $port" "$PY" -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2)"
 }
 
@@ -40,7 +40,7 @@ prefect_worker_up() {
   # The worker creates the process pool itself (`prefect work-pool create` would fetch a registry online).
   setsid "$BIN/prefect" worker start --pool "$GALIP_POOL" --type process --name "$GALIP_POOL-worker" \
     >"$PREFECT_HOME/worker.log" 2>&1 < /dev/null &
-  echo $! >"$PREFECT_HOME/worker.pid"
+  echo $! >"$PREFECT_HOME/worker.pid"; disown
   _wait_for 90 "work pool $GALIP_POOL" "$BIN/prefect" work-pool inspect "$GALIP_POOL"
 }
 

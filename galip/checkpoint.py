@@ -92,6 +92,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=No
     from .clip import clip_from_config
     from .config import config_from_dict
     from .models import NetG
+    from .precision import Precision
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
@@ -101,7 +102,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=No
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
             clip = clip_from_config(cfg.model)
-    clip = clip.to(device)
+    device = torch.device(device)
+    # Inference runs in the device's own precision (bf16 CLIP on GPUs, fp32 on CPU): see generate_images.
+    clip = clip.set_precision(Precision.resolve("auto", device).dtype).to(device)
     net_g = NetG(cfg.model, clip)
-    net_g.load_state_dict(ckpt["netG"])
+    # The EMA weights are the model; a run trained without EMA has only netG.
+    net_g.load_state_dict(ckpt.get("netG_ema", ckpt["netG"]))
     return net_g.to(device).eval(), clip, cfg

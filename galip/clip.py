@@ -8,6 +8,7 @@ depth, embed dim) are read from the loaded model, so any open_clip ViT works.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -97,6 +98,7 @@ class FrozenCLIP(nn.Module):
             raise ValueError("GALIP needs an open_clip ViT image tower (model.visual.transformer); got a non-ViT CLIP")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.dtype: torch.dtype = torch.float32  # weight / compute dtype, see set_precision
         self.pixel_norm = pixel_norm
         size = visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
@@ -135,6 +137,34 @@ class FrozenCLIP(nn.Module):
     def visual(self) -> nn.Module:
         return self.model.visual
 
+    # --- precision --------------------------------------------------------------------------
+    def set_precision(self, dtype: torch.dtype | None) -> "FrozenCLIP":
+        """Cast the frozen weights to ``dtype`` (bf16/fp16) once; None or float32 keeps fp32.
+
+        Autocast re-casts fp32 weights that do not require grad on every op (its cast cache only
+        holds leaf tensors that require grad), so a frozen CLIP under autocast pays a full weight
+        cast per forward. open_clip's own low-precision conversion casts the matmul/conv weights and
+        projections and leaves LayerNorm and embeddings in fp32, as OpenAI CLIP's fp16 load does.
+        """
+        from open_clip.model import convert_weights_to_lp
+
+        dtype = dtype or torch.float32
+        if dtype == self.dtype:
+            return self
+        if self.dtype != torch.float32:
+            raise ValueError(f"CLIP weights are already {self.dtype}; load a fresh CLIP to change precision")
+        if dtype != torch.float32:
+            convert_weights_to_lp(self.model, dtype=dtype)
+        self.dtype = dtype
+        return self
+
+    def _compute(self, device: torch.device) -> contextlib.AbstractContextManager:
+        # Low-precision weights need autocast around every entry point (LayerNorms stay fp32);
+        # inside an enclosing autocast of the same dtype this is a no-op.
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
     # --- text -------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -145,7 +175,8 @@ class FrozenCLIP(nn.Module):
         open_clip's own encode_text applies the causal attn_mask and its batch-first layout; the
         token features are taken from ln_final's output on the same pass.
         """
-        sent = self.model.encode_text(tokens)
+        with self._compute(tokens.device):
+            sent = self.model.encode_text(tokens)
         words, self._tokens_out = self._tokens_out, None
         return sent, words
 
@@ -167,13 +198,15 @@ class FrozenCLIP(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens after ``feature_blocks`` as [B, n, W, g, g] and the projected image embedding [B, E]."""
-        out = self.visual.forward_intermediates(
-            self.to_clip_input(images), indices=list(self.feature_blocks), output_fmt="NCHW"
-        )
+        with self._compute(images.device):
+            out = self.visual.forward_intermediates(
+                self.to_clip_input(images), indices=list(self.feature_blocks), output_fmt="NCHW"
+            )
         return torch.stack(out["image_intermediates"], dim=1), out["image_features"]
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(self.to_clip_input(images))
+        with self._compute(images.device):
+            return self.visual(self.to_clip_input(images))
 
     # --- NetG's mapper ----------------------------------------------------------------------
     def map_bridge(self, bridge: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -182,6 +215,10 @@ class FrozenCLIP(nn.Module):
         Block i in ``prompt_blocks`` sees one extra learned token (prompts[:, k]) appended to the
         sequence and dropped after the block, as in the reference's CLIP_Mapper.
         """
+        with self._compute(bridge.device):
+            return self._map_bridge(bridge, prompts).to(bridge.dtype)
+
+    def _map_bridge(self, bridge: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         v = self.visual
         b, w, g, _ = bridge.shape
         x = bridge.flatten(2).transpose(1, 2)

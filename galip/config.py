@@ -99,8 +99,14 @@ class TrainConfig(_Section):
     sim_w: float = Field(4.0, ge=0)
     magp_k: float = Field(2.0, ge=0)
     magp_p: float = Field(6.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="bf16 (GPU default), fp16 = the reference's recipe with loss scaling, fp32 (CPU default)"
+    )
     channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile G, the fake-image path of D/C and the CLIP image pass")
+    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
+    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest algorithm per shape")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of G's weights for sampling/eval/registry; 0 = off")
     device: str = "auto"
     seed: int = 100
     log_every: int = Field(50, gt=0)

@@ -9,7 +9,9 @@ main process, where ``LoaderStats`` sums them.
 
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -136,10 +138,19 @@ def _caption(sample: dict[str, Any], rng: random.Random) -> str | None:
     return None
 
 
-def _prepare(src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _SkipCounter, seed: int) -> Iterator[tuple]:
+def _worker_identity(rank: int | None, worker: int | None) -> tuple[int, int]:
+    """(rank, worker) given explicitly (the training stream), else as torch/torchrun report them."""
     from webdataset.utils import pytorch_worker_info
 
-    rank, _, worker, _ = pytorch_worker_info()
+    env_rank, _, env_worker, _ = pytorch_worker_info()
+    return (env_rank if rank is None else rank), (env_worker if worker is None else worker)
+
+
+def _prepare(
+    src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _SkipCounter, seed: int,
+    rank: int | None = None, worker: int | None = None,
+) -> Iterator[tuple]:
+    rank, worker = _worker_identity(rank, worker)
     rng = random.Random(seed * 7_919 + rank * 131 + worker)
     for sample in src:
         caption = _caption(sample, rng)
@@ -160,14 +171,12 @@ def _prepare(src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _Ski
         yield image, tokenizer([caption])[0], caption
 
 
-def _shuffle(src: Iterator, bufsize: int, seed: int) -> Iterator:
+def _shuffle(src: Iterator, bufsize: int, seed: int, rank: int | None = None, worker: int | None = None) -> Iterator:
     """Seeded shuffle buffer (webdataset's default seeds from pid + time, which breaks exact resume)."""
-    from webdataset.utils import pytorch_worker_info
-
     if bufsize <= 1:
         yield from src
         return
-    rank, _, worker, _ = pytorch_worker_info()
+    rank, worker = _worker_identity(rank, worker)
     rng = random.Random(seed * 104_729 + rank * 1_009 + worker)
     buf: list = []
     for item in src:
@@ -184,12 +193,12 @@ def _shuffle(src: Iterator, bufsize: int, seed: int) -> Iterator:
 _END = "__end_of_worker_stream__"
 
 
-def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iterator[tuple]:
+def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter, per_pass: bool = True) -> Iterator[tuple]:
     from webdataset.utils import pytorch_worker_info
 
     _, _, worker, _ = pytorch_worker_info()
-    # Counts are per pass: without workers the counter lives on in the main process between epochs.
-    counter.counts.clear()
+    if per_pass:  # without workers the counter lives on in the main process between epochs
+        counter.counts.clear()
     items: list[tuple] = []
     for item in src:
         items.append(item)
@@ -318,3 +327,139 @@ def _split_by_rank(rank: int, world_size: int):
         yield from islice(src, rank, None, world_size)
 
     return split
+
+
+# --- the training stream -----------------------------------------------------------------------------------
+def segment_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the data segment that starts at ``step`` (a checkpoint boundary) on ``rank``."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Where a run's data stream starts and how it is cut: one segment per checkpoint interval."""
+
+    start_step: int
+    segment_steps: int  # train.ckpt_every
+    batches_per_step: int = 1  # train.grad_accum
+
+
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Endless training micro-batches that a resumed run reproduces exactly, from persistent workers.
+
+    The stream is cut into segments at checkpoint boundaries; segment s is a pure function of
+    (seed, rank, first step of s): W *virtual* pipelines (W = data.workers), each with its own
+    shard draw and shuffle buffer, whose batches interleave round-robin. DataLoader workers live
+    for the whole run and walk from segment to segment themselves (no re-spawn between checkpoints):
+    each one computes which virtual pipeline lands in its round-robin slots in the coming segment,
+    so the batch order equals that of a loader built fresh at the segment start. A run resumed at a
+    step inside a segment (a final checkpoint at max_steps) replays the segment and skips the batches
+    already trained on, so resuming anywhere is exact.
+    """
+
+    def __init__(
+        self, urls: list[str], data_cfg: DataConfig, tokenize: Callable, batch_size: int,
+        seed: int, rank: int, world_size: int, plan: StreamPlan,
+    ) -> None:
+        super().__init__()
+        self.urls, self.data_cfg, self.tokenize, self.batch_size = urls, data_cfg, tokenize, batch_size
+        self.seed, self.rank, self.world_size, self.plan = seed, rank, world_size, plan
+
+    def __iter__(self) -> Iterator[tuple]:
+        from itertools import islice
+
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = _SkipCounter()  # this worker's counts over the whole run
+        plan = self.plan
+        per_segment = plan.segment_steps * plan.batches_per_step
+        seg_start = plan.start_step - plan.start_step % plan.segment_steps
+        skip = (plan.start_step - seg_start) * plan.batches_per_step  # batches of this segment already trained on
+        served = 0  # loader-wide batch index at the segment start (round-robin slot of worker 0)
+        while True:
+            virtual = (worker - served + skip) % n_workers
+            first = max(0, -(-(skip - virtual) // n_workers))  # virtual batch j is segment batch virtual + j * W
+            stop = -(-(per_segment - virtual) // n_workers)
+            batches = self._virtual_pipeline(segment_seed(self.seed, self.rank, seg_start), virtual, n_workers, counter)
+            try:
+                for images, tokens, captions in islice(batches, first, stop):
+                    yield images, tokens, captions, worker, dict(counter.counts)
+            finally:
+                batches.close()
+            served += per_segment - skip
+            seg_start, skip = seg_start + plan.segment_steps, 0
+
+    def _virtual_pipeline(self, seed: int, virtual: int, n_virtual: int, counter: _SkipCounter) -> Iterator[tuple]:
+        """Batches of one virtual worker, pass after pass (a non-resampled pass ends; the next begins)."""
+        import webdataset as wds
+
+        cfg, rank = self.data_cfg, self.rank
+        for epoch in itertools.count():
+            if cfg.resampled:
+                source = [functools.partial(_resampled_urls, self.urls, seed * 1_000_003 + rank * 7_919 + virtual)]
+            else:
+                order = _ShardOrder(self.urls, seed)
+                order.epoch = epoch
+                source = [order, _split_by_rank(rank, self.world_size), _split_by_rank(virtual, n_virtual)]
+            pass_seed = seed + epoch * 104_723
+            pipeline = wds.DataPipeline(
+                *source,
+                wds.tarfile_to_samples(handler=counter.handler),
+                lambda src: _shuffle(src, cfg.shuffle_buffer, pass_seed, rank, virtual),
+                lambda src: _prepare(src, cfg, self.tokenize, counter, pass_seed, rank, virtual),
+                lambda src: _batch(src, self.batch_size, counter, per_pass=False),
+            )
+            produced = False
+            for images, tokens, captions, _, _ in pipeline:
+                if isinstance(images, str) and images == _END:
+                    continue
+                produced = True
+                yield images, tokens, captions
+            if not produced:
+                raise RuntimeError(
+                    f"a full pass over {len(self.urls)} shard(s) gave no usable batch of {self.batch_size} "
+                    f"(skipped: {dict(counter.counts)}); check data.shards_dir and the data report"
+                )
+
+
+def _resampled_urls(urls: list[str], seed: int) -> Iterator[dict[str, str]]:
+    # Shards drawn with replacement from a seeded stream (webdataset's ResampledShards seeds from the
+    # DataLoader worker, but here the virtual worker decides).
+    rng = random.Random(seed)
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def training_stream(
+    data_cfg: DataConfig,
+    tokenize: Callable[[Sequence[str]], torch.Tensor],
+    batch_size: int,
+    *,
+    seed: int,
+    plan: StreamPlan,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], LoaderStats]:
+    """Endless (images, tokens) micro-batches for the trainer from one DataLoader that lives as long
+    as the run; ``LoaderStats`` counts what its workers skipped (cumulative per worker)."""
+    urls = resolve_shards(data_cfg)
+    if any(u.startswith("s3://") for u in urls):
+        _register_s3_gopen(data_cfg.s3_endpoint_url)
+    if not data_cfg.resampled:
+        check_even_split(len(urls), world_size, data_cfg.workers)
+    dataset = TrainingStream(urls, data_cfg, tokenize, batch_size, seed, rank, world_size, plan)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=data_cfg.workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )
+    stats = LoaderStats()
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, _captions, worker, counts in loader:
+            stats.update(0, int(worker), counts)
+            yield images, tokens
+
+    return batches(), stats

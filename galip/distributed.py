@@ -16,6 +16,7 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    process_group: bool = False  # a process group (and DDP) even with one process
 
     @property
     def is_main(self) -> bool:
@@ -23,7 +24,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.process_group
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -44,14 +45,17 @@ def init_distributed(requested_device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(requested_device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    # On GPUs, torchrun with one process runs the same NCCL + DDP path as with eight, so a one-GPU
+    # smoke run tests the multi-GPU recipe; on CPU (the demo, tests) one process stays plain.
+    group = world > 1 or (device.type == "cuda" and "WORLD_SIZE" in os.environ)
+    if group and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(minutes=int(os.environ.get("GALIP_DIST_TIMEOUT_MIN", "30"))),
         )
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, process_group=group)
 
 
 def barrier(env: DistEnv) -> None:

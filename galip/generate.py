@@ -10,6 +10,7 @@ import torch
 from .checkpoint import load_generator
 from .clip import FrozenCLIP
 from .models import NetG
+from .precision import Precision
 
 
 def latents(n: int, nz: int, seed: int, interpolate: bool = False) -> torch.Tensor:
@@ -22,7 +23,6 @@ def latents(n: int, nz: int, seed: int, interpolate: bool = False) -> torch.Tens
     return (1 - w) * a + w * b
 
 
-@torch.no_grad()
 def generate_images(
     net_g: NetG,
     clip: FrozenCLIP,
@@ -31,15 +31,22 @@ def generate_images(
     seed: int = 0,
     interpolate: bool = False,
     batch_size: int = 64,
+    precision: Precision | None = None,
 ) -> torch.Tensor:
-    """[len(prompts) * n, 3, H, W] images in [-1, 1]; the same latents for every prompt."""
+    """[len(prompts) * n, 3, H, W] images in [-1, 1] (float32, on the CPU); the same latents for every prompt.
+
+    The one inference path of sampling, evaluation and serving: inference mode, batched, under the
+    training precision's autocast (bf16/fp16 with a low-precision CLIP on GPUs, fp32 on CPU).
+    """
     device = next(net_g.parameters()).device
+    precision = precision or Precision.resolve("auto", device)
     z = latents(n, net_g.nz, seed, interpolate)
-    sent, _ = clip.encode_text(clip.tokenize(list(prompts)).to(device))
-    sent = sent.float().repeat_interleave(n, 0)
-    z = z.repeat(len(prompts), 1).to(device)
-    out = [net_g(z[i : i + batch_size], sent[i : i + batch_size]).float() for i in range(0, len(z), batch_size)]
-    return torch.cat(out).clamp(-1, 1)
+    with torch.inference_mode(), precision.autocast():
+        sent, _ = clip.encode_text(clip.tokenize(list(prompts)).to(device))
+        sent = sent.float().repeat_interleave(n, 0)
+        z = z.repeat(len(prompts), 1).to(device)
+        out = [net_g(z[i : i + batch_size], sent[i : i + batch_size]).float().clamp(-1, 1).cpu() for i in range(0, len(z), batch_size)]
+    return torch.cat(out)
 
 
 def run(

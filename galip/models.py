@@ -119,6 +119,7 @@ class NetG(nn.Module):
         super().__init__()
         dims: ClipDims = clip.dims
         object.__setattr__(self, "clip", clip)
+        self.cfg = cfg  # with the CLIP, enough to build a twin (the EMA copy)
         self.nz, self.grid, self.code_ch = cfg.nz, dims.grid, cfg.code_channels
         self.n_prompts, self.clip_width = len(clip.prompt_blocks), dims.width
         cond_dim = cfg.nz + dims.embed_dim

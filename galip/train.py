@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import losses
 from . import storage
@@ -36,42 +35,37 @@ from .checkpoint import (
 )
 from .clip import FrozenCLIP, clip_from_config
 from .config import Config
+from .data import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .models import NetC, NetD, NetG, build_nets
+from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .tracking import Tracker
 
 log = logging.getLogger("galip.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/inf; no checkpoint is written for that step."""
+    """A loss became NaN/inf; no checkpoint is written after it."""
 
 
-@dataclass(frozen=True)
-class Precision:
-    autocast_dtype: torch.dtype | None  # None: plain fp32
-    use_scaler: bool  # fp16 needs loss scaling; bf16 does not
-
-    @staticmethod
-    def resolve(name: str, device: torch.device) -> "Precision":
-        if name == "auto":
-            if device.type == "cuda":
-                name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                name = "fp32"
-        if name in ("fp16", "bf16") and device.type != "cuda":
-            raise ValueError(f"train.precision={name} needs a CUDA device; on {device.type} use fp32 (or auto)")
-        return {
-            "fp32": Precision(None, False),
-            "bf16": Precision(torch.bfloat16, False),
-            "fp16": Precision(torch.float16, True),
-        }[name]
+STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "d_mis", "magp", "clip_sim")
 
 
-def segment_seed(seed: int, rank: int, step: int) -> int:
-    # The data stream is rebuilt at every checkpoint boundary from (seed, rank, step): a run resumed
-    # from step k then reads exactly the batches the uninterrupted run read after step k.
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
+class GeneratorEMA:
+    """Exponential moving average of NetG's weights (StyleGAN lineage): what sampling, evaluation
+    and the registered model use. The decay ramps up as min(decay, (1 + t) / (10 + t)) so that a short
+    run is not dominated by its random initial weights."""
+
+    def __init__(self, net_g: NetG, decay: float) -> None:
+        self.decay = decay
+        self.model = NetG(net_g.cfg, net_g.clip).to(next(net_g.parameters()).device)
+        self.model.load_state_dict(net_g.state_dict())
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net_g: NetG, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        get_ema_multi_avg_fn(decay)(list(self.model.parameters()), list(net_g.parameters()), None)
 
 
 @dataclass
@@ -88,63 +82,92 @@ class Trainer:
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
     noise_gen: torch.Generator
-    g: nn.Module = field(init=False)  # DDP-wrapped views (or the nets themselves)
-    d: nn.Module = field(init=False)
-    c: nn.Module = field(init=False)
+    ema: GeneratorEMA | None = None
     step: int = 0
 
     def __post_init__(self) -> None:
-        self.g, self.d, self.c = self.net_g, self.net_d, self.net_c
+        g, d, c = self.net_g, self.net_d, self.net_c
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             # NetD keeps the reference's never-applied 1x1 shortcut convs; DDP must not wait for them.
-            DDP._set_params_and_buffers_to_ignore_for_model(self.net_d, self.net_d.unused_parameter_names())
-            self.g = DDP(self.net_g, device_ids=ids)
-            self.d = DDP(self.net_d, device_ids=ids)
-            self.c = DDP(self.net_c, device_ids=ids)
+            # DDP has no public way to exclude parameters; this static helper is what its docs name.
+            DDP._set_params_and_buffers_to_ignore_for_model(d, d.unused_parameter_names())
+            g, d, c = (DDP(m, device_ids=ids) for m in (g, d, c))
+        # The real-image path stays eager: MA-GP differentiates C(D(real)) twice, and compiled graphs
+        # do not support double backward. Everything else (G, the fake path, the G phase) may compile.
+        self.d_real, self.c_real = d, c
+        compile_ = torch.compile if self.cfg.train.compile else (lambda m: m)
+        self.g = compile_(g)
+        self.d_fake, self.c_fake = compile_(d), compile_(c)
+        # G phase: D and C frozen and unwrapped (no gradients of theirs to sync).
+        self.d_frozen, self.c_frozen = compile_(self.net_d), compile_(self.net_c)
+        self.clip_features = compile_(self.clip.image_features)
+        dev = self.env.device
+        self._stats = torch.zeros(len(STAT_NAMES), device=dev)  # latest step's, on the device
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+        self._bad_steps = torch.zeros((), dtype=torch.long, device=dev)
+        self._checked_at = self.step
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def create(cls, cfg: Config, env: DistEnv, clip: FrozenCLIP | None = None) -> "Trainer":
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        clip = (clip or clip_from_config(cfg.model)).to(env.device)
+        precision = Precision.resolve(t.precision, env.device)
+        if env.device.type == "cuda":
+            enable_fast_cuda_math(t.tf32, t.cudnn_benchmark)
+        clip = (clip or clip_from_config(cfg.model)).set_precision(precision.dtype).to(env.device)
         net_g, net_d, net_c = (m.to(env.device) for m in build_nets(cfg.model, clip))
         if t.channels_last:
             for m in (net_g, net_d, net_c):
                 m.to(memory_format=torch.channels_last)
         betas = (t.beta1, t.beta2)
-        opt_g = torch.optim.Adam(net_g.parameters(), lr=t.lr_g, betas=betas)
-        opt_d = torch.optim.Adam([*net_d.parameters(), *net_c.parameters()], lr=t.lr_d, betas=betas)
-        precision = Precision.resolve(t.precision, env.device)
-        scaler = lambda: torch.amp.GradScaler(env.device.type, enabled=precision.use_scaler)  # noqa: E731
+        # Fused Adam: one kernel for all parameters instead of a few per tensor (CUDA; same maths).
+        fused = env.device.type == "cuda"
+        opt_g = torch.optim.Adam(net_g.parameters(), lr=t.lr_g, betas=betas, fused=fused)
+        opt_d = torch.optim.Adam([*net_d.parameters(), *net_c.parameters()], lr=t.lr_d, betas=betas, fused=fused)
         noise_gen = torch.Generator(env.device).manual_seed(t.seed + env.rank)
-        return cls(cfg, env, clip, net_g, net_d, net_c, opt_g, opt_d, precision, scaler(), scaler(), noise_gen)
+        ema = GeneratorEMA(net_g, t.ema_decay) if t.ema_decay > 0 else None
+        return cls(
+            cfg, env, clip, net_g, net_d, net_c, opt_g, opt_d, precision,
+            precision.grad_scaler(), precision.grad_scaler(), noise_gen, ema,
+        )
+
+    @property
+    def sampler(self) -> NetG:
+        """The generator to sample from: the EMA weights when kept, else the trained ones."""
+        return self.ema.model if self.ema is not None else self.net_g
 
     # --- one iteration --------------------------------------------------------------------------
     def autocast(self):
-        if self.precision.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.precision.autocast_dtype)
+        return self.precision.autocast()
 
     def _sync(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
         if last or not self.env.distributed:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        for m in (self.g, self.d, self.c):
+        for m in (self.g, self.d_real, self.c_real):
             stack.enter_context(m.no_sync())
         return stack
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """One optimiser step of D (+C) and of G over ``grad_accum`` micro-batches of (images, tokens)."""
+    def _activations(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last must reach the activations too, or every conv converts its input back and forth.
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimiser step of D (+C) and of G over ``grad_accum`` micro-batches of (images, tokens).
+
+        Nothing here waits for the device: the losses stay on it (``read_stats`` copies them at log
+        steps) and a non-finite loss is recorded on the device (``check_finite`` raises it).
+        """
         t, dev = self.cfg.train, self.env.device
         n = len(micro_batches)
         # With one micro-batch the D phase's fake (and its graph) is reused by the G phase, as in the
         # reference; with accumulation, keeping every micro-batch's graph would defeat the purpose, so
         # the D phase generates without a graph and the G phase regenerates from the same noise.
         keep_graph = n == 1
-        stats = {"loss_d": 0.0, "loss_g": 0.0, "d_real": 0.0, "d_fake": 0.0, "d_mis": 0.0, "magp": 0.0, "clip_sim": 0.0}
+        stats = torch.zeros(len(STAT_NAMES), device=dev)
         saved = []
 
         # D phase
@@ -152,37 +175,36 @@ class Trainer:
         self.net_c.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         for i, (real, tokens) in enumerate(micro_batches):
-            real = real.to(dev, non_blocking=True)
+            real = self._activations(real.to(dev, non_blocking=True))
             tokens = tokens.to(dev, non_blocking=True)
             with torch.no_grad(), self.autocast():
                 sent, _ = self.clip.encode_text(tokens)
-                real_feats, _ = self.clip.image_features(real)
+                real_feats, _ = self.clip_features(real)
             # Leaves for MA-GP: gradients w.r.t. the CLIP features and the sentence, never into CLIP.
             sent = sent.float().requires_grad_(True)
             real_feats = real_feats.float().requires_grad_(True)
             noise = torch.randn(real.shape[0], self.cfg.model.nz, device=dev, generator=self.noise_gen)
             with self._sync(i == n - 1):
                 with self.autocast():
-                    real_out = self.d(real_feats)
-                    real_logits = self.c(real_out, sent)
-                    mis_logits = self.c(real_out, losses.mismatched(sent).detach())
+                    real_out = self.d_real(real_feats)
+                    real_logits = self.c_real(real_out, sent)
+                    mis_logits = self.c_real(real_out, losses.mismatched(sent).detach())
                     with contextlib.nullcontext() if keep_graph else torch.no_grad():
                         fake = self.g(noise, sent)
-                        fake_feats, fake_emb = self.clip.image_features(fake)
-                    fake_logits = self.c(self.d(fake_feats.detach()), sent)
+                        fake_feats, fake_emb = self.clip_features(fake)
+                    fake_logits = self.c_fake(self.d_fake(fake_feats.detach()), sent)
                     hinge = losses.d_hinge(real_logits, fake_logits, mis_logits)
-                scale = self.scaler_d.get_scale() if self.precision.use_scaler else None
+                # GradScaler has no public tensor accessor for its scale; get_scale() would sync.
+                scale = self.scaler_d._get_scale_async() if self.precision.use_scaler else None
                 magp = losses.ma_gp(real_logits.float(), real_feats, sent, t.magp_k, t.magp_p, grad_scale=scale)
                 loss_d = hinge.float() + magp
                 self.scaler_d.scale(loss_d / n).backward()
             saved.append((noise, sent.detach(), fake_feats if keep_graph else None, fake_emb if keep_graph else None))
-            stats["loss_d"] += loss_d.detach() / n
-            stats["magp"] += magp.detach() / n
-            stats["d_real"] += real_logits.detach().mean() / n
-            stats["d_fake"] += fake_logits.detach().mean() / n
-            stats["d_mis"] += mis_logits.detach().mean() / n
+            parts = (loss_d, None, real_logits.mean(), fake_logits.mean(), mis_logits.mean(), magp, None)
+            stats += torch.stack([p.detach().float() if p is not None else stats.new_zeros(()) for p in parts]) / n
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
+        apply_scale_floor(self.scaler_d)
 
         # G phase: D and C are frozen for it and used unwrapped (no gradients of theirs to sync).
         self.net_d.requires_grad_(False)
@@ -192,43 +214,59 @@ class Trainer:
             with self._sync(i == n - 1):
                 with self.autocast():
                     if fake_feats is None:
-                        fake_feats, fake_emb = self.clip.image_features(self.g(noise, sent))
-                    fake_logits = self.net_c(self.net_d(fake_feats), sent)
+                        fake_feats, fake_emb = self.clip_features(self.g(noise, sent))
+                    fake_logits = self.c_frozen(self.d_frozen(fake_feats), sent)
                     loss_g = losses.g_loss(fake_logits.float(), fake_emb.float(), sent, t.sim_w)
                 self.scaler_g.scale(loss_g / n).backward()
-            stats["loss_g"] += loss_g.detach() / n
-            stats["clip_sim"] += torch.cosine_similarity(fake_emb.detach().float(), sent, dim=-1).mean() / n
+            sim = torch.cosine_similarity(fake_emb.detach().float(), sent, dim=-1).mean()
+            stats[1] += loss_g.detach().float() / n
+            stats[6] += sim / n
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
+        apply_scale_floor(self.scaler_g)
         self.net_d.requires_grad_(True)
         self.net_c.requires_grad_(True)
 
         self.step += 1
-        values = torch.stack([torch.as_tensor(v, device=dev, dtype=torch.float32) for v in stats.values()]).tolist()
-        out = dict(zip(stats, values))
-        bad = [k for k in ("loss_d", "loss_g") if not math.isfinite(out[k])]
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite {', '.join(bad)} at step {self.step} ({', '.join(f'{k}={out[k]}' for k in bad)}). "
-                "The last good checkpoint is kept; lower train.lr_g/train.lr_d or use train.precision=fp32/bf16."
-            )
-        return out
+        if self.ema is not None:
+            self.ema.update(self.net_g, self.step)
+        bad = ~torch.isfinite(stats[:2]).all()
+        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.step, self._first_bad_step)
+        self._bad_steps += bad.long()
+        self._stats = stats
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a loss went NaN/inf (one host sync; call at log/checkpoint steps).
+
+        With fp16 loss scaling an overflowing step is skipped by the GradScaler and training goes on,
+        as in the reference; only a run whose every step since the last check overflowed is stopped.
+        """
+        steps_since_check, self._checked_at = self.step - self._checked_at, self.step
+        if steps_since_check == 0:
+            return
+        first_bad, n_bad = (int(v) for v in torch.stack([self._first_bad_step, self._bad_steps]).tolist())
+        if first_bad < 0:
+            return
+        if self.precision.use_scaler and n_bad < steps_since_check:
+            self._first_bad_step.fill_(-1)
+            self._bad_steps.zero_()
+            log.warning("%d fp16 step(s) overflowed and were skipped by the loss scaler", n_bad)
+            return
+        raise NonFiniteLossError(
+            f"non-finite loss_d/loss_g at step {first_bad} ({n_bad} bad step(s) up to step {self.step}). "
+            "The last good checkpoint is kept; lower train.lr_g/train.lr_d or use train.precision=fp32/bf16."
+        )
+
+    def read_stats(self) -> dict[str, float]:
+        """The latest step's losses, copied to the host (a device sync)."""
+        return dict(zip(STAT_NAMES, self._stats.tolist()))
 
     # --- sampling ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, prompts: list[str], n_per_prompt: int = 4, seed: int = 0) -> torch.Tensor:
-        """Images in [-1, 1] for fixed prompts and fixed noise (comparable across steps)."""
-        gen = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(n_per_prompt, self.cfg.model.nz, generator=gen).to(self.env.device)
-        tokens = self.clip.tokenize(prompts).to(self.env.device)
-        was_training = self.net_g.training
-        self.net_g.eval()
-        with self.autocast():
-            sent, _ = self.clip.encode_text(tokens)
-            sent = sent.float().repeat_interleave(n_per_prompt, 0)
-            imgs = self.net_g(noise.repeat(len(prompts), 1), sent)
-        self.net_g.train(was_training)
-        return imgs.float().clamp(-1, 1)
+        """Images in [-1, 1] for fixed prompts and fixed noise (comparable across steps), from the EMA."""
+        from .generate import generate_images
+
+        return generate_images(self.sampler, self.clip, prompts, n_per_prompt, seed, precision=self.precision)
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
@@ -257,6 +295,7 @@ class Trainer:
             "netG": self.net_g.state_dict(),
             "netD": self.net_d.state_dict(),
             "netC": self.net_c.state_dict(),
+            **({"netG_ema": self.ema.model.state_dict()} if self.ema is not None else {}),
             "optG": self.opt_g.state_dict(),
             "optD": self.opt_d.state_dict(),
             "scalerG": self.scaler_g.state_dict(),
@@ -273,6 +312,9 @@ class Trainer:
         self.net_g.load_state_dict(ckpt["netG"])
         self.net_d.load_state_dict(ckpt["netD"])
         self.net_c.load_state_dict(ckpt["netC"])
+        if self.ema is not None:
+            # A checkpoint from a run without EMA starts the average from its current weights.
+            self.ema.model.load_state_dict(ckpt.get("netG_ema", ckpt["netG"]))
         self.opt_g.load_state_dict(ckpt["optG"])
         self.opt_d.load_state_dict(ckpt["optD"])
         self.scaler_g.load_state_dict(ckpt["scalerG"])
@@ -284,54 +326,7 @@ class Trainer:
         else:
             log.warning("checkpoint was written by %d processes, now %d: noise streams are reseeded", len(states), self.env.world_size)
             self.noise_gen.manual_seed(segment_seed(self.cfg.train.seed, self.env.rank, ckpt["step"]))
-        self.step = int(ckpt["step"])
-
-
-# --- data ---------------------------------------------------------------------------------------------
-class DataCounts:
-    """Samples the loaders skipped (corrupt, no caption) or dropped (partial batches), this process."""
-
-    def __init__(self) -> None:
-        self.finished = {"data_skipped": 0, "data_dropped": 0}
-        self.current = None
-
-    def as_dict(self) -> dict[str, int]:
-        cur = self.current
-        return {
-            "data_skipped": self.finished["data_skipped"] + (cur.skipped if cur else 0),
-            "data_dropped": self.finished["data_dropped"] + (getattr(cur, "dropped", 0) if cur else 0),
-        }
-
-    def close_segment(self) -> None:
-        self.finished, self.current = self.as_dict(), None
-
-
-def micro_batch_stream(
-    cfg: Config, env: DistEnv, tokenizer, start_step: int, counts: DataCounts | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (images, tokens) micro-batches; the loader is rebuilt at each checkpoint boundary."""
-    from .data import build_loader
-
-    counts = counts or DataCounts()
-    per_step = cfg.train.grad_accum
-    step = start_step
-    while True:
-        seg_end = (step // cfg.train.ckpt_every + 1) * cfg.train.ckpt_every
-        loader, counts.current = build_loader(
-            cfg.data, tokenizer, cfg.train.batch_size,
-            seed=segment_seed(cfg.train.seed, env.rank, step), rank=env.rank, world_size=env.world_size,
-        )
-        it = iter(loader)
-        for _ in range((seg_end - step) * per_step):
-            try:
-                batch = next(it)
-            except StopIteration:  # a non-resampled pass ended: start the next epoch
-                it = iter(loader)
-                batch = next(it)
-            yield batch[0], batch[1]
-        del it
-        counts.close_segment()
-        step = seg_end
+        self.step = self._checked_at = int(ckpt["step"])
 
 
 class TrainLog:
@@ -443,28 +438,39 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         return result
 
     train_log = TrainLog(out_dir / "train_log.csv", trainer.step) if env.is_main else None
-    data_counts = DataCounts()
-    stream = micro_batch_stream(cfg, env, trainer.clip.tokenizer, trainer.step, data_counts)
-    images_per_step = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+    t = cfg.train
+    # One loader for the whole run: its workers walk from checkpoint segment to segment themselves.
+    stream, data_stats = training_stream(
+        cfg.data, trainer.clip.tokenizer, t.batch_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
+        plan=StreamPlan(trainer.step, t.ckpt_every, t.grad_accum),
+    )
+    images_per_step = t.batch_size * t.grad_accum * env.world_size
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
-    t0, done_since = time.perf_counter(), 0
+    t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
     while trainer.step < max_steps:
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        losses_now = trainer.train_step(micro)
-        done_since += 1
+        trainer.train_step([next(stream) for _ in range(t.grad_accum)])
         step = trainer.step
-        ips = images_per_step * done_since / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
-        bar.set_postfix(d=f"{losses_now['loss_d']:.3f}", g=f"{losses_now['loss_g']:.3f}", img_s=f"{ips:.1f}")
-        if train_log is not None and (step % cfg.train.log_every == 0 or step == max_steps):
-            row = {**{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3), **data_counts.as_dict()}
-            train_log.write({"step": step, **row})
-            tracker.log_metrics(row, step)
-        if env.is_main and (step % cfg.train.sample_every == 0 or step == max_steps):
-            grid = save_grid(trainer.sample(list(cfg.train.sample_prompts)), out_dir / "samples" / f"step_{step:08d}.png", nrow=4)
+        last = step == max_steps
+        if step % t.log_every == 0 or last:
+            # The only host syncs of the loop: losses and the non-finite check, every log_every steps.
+            trainer.check_finite()
+            losses_now = trainer.read_stats()
+            now = time.perf_counter()
+            ips = images_per_step * (step - step_log) / max(now - t_log, 1e-9)
+            t_log, step_log = now, step
+            bar.set_postfix(d=f"{losses_now['loss_d']:.3f}", g=f"{losses_now['loss_g']:.3f}", img_s=f"{ips:.1f}")
+            if train_log is not None:
+                counts = {"data_skipped": data_stats.skipped, "data_dropped": data_stats.dropped}
+                row = {**{k: round(v, 6) for k, v in losses_now.items()}, "images_per_s": round(ips, 3), **counts}
+                train_log.write({"step": step, **row})
+                tracker.log_metrics(row, step)
+        if env.is_main and (step % t.sample_every == 0 or last):
+            grid = save_grid(trainer.sample(list(t.sample_prompts)), out_dir / "samples" / f"step_{step:08d}.png", nrow=4)
             tracker.log_image(grid, step)
-        if step % cfg.train.ckpt_every == 0 or step == max_steps:
+        if step % t.ckpt_every == 0 or last:
+            trainer.check_finite()  # never checkpoint weights that a NaN went through
             path = trainer.save(ckpt_dir)
             if path is not None:
                 _publish(cfg, path)

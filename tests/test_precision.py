@@ -1,0 +1,177 @@
+"""The GPU recipe's CPU-checkable parts: bf16 train step vs fp32, low-precision CLIP weights, the fp16
+scaler floor, the compiled step, exact resume with persistent loader workers, the device script."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from galip.checkpoint import load_checkpoint
+from galip.distributed import DistEnv
+from galip.precision import FP16_GROWTH_INTERVAL, Precision, apply_scale_floor
+from galip.train import Trainer, run
+
+from helpers import tiny_config, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+def _losses(cfg, steps: int) -> list[dict[str, float]]:
+    trainer = Trainer.create(cfg, DistEnv())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 64, 64, generator=gen) * 2 - 1
+    tokens = trainer.clip.tokenize([f"a {c} square on the {s}" for c, s in
+                                    [("red", "left"), ("blue", "right"), ("green", "left"), ("yellow", "right")]])
+    out = []
+    for _ in range(steps):
+        trainer.train_step([(images, tokens)])
+        out.append(trainer.read_stats())
+    return out
+
+
+def test_bf16_train_step_tracks_fp32(tmp_path, shards):
+    """Same seed, same batch, 4 steps: bf16 autocast + bf16 CLIP weights vs fp32.
+
+    Tolerances (measured here: fp32 loss_d 2.07 -> 1.74, loss_g -0.34 -> 0.14, clip_sim ~0.155; the
+    largest bf16 gaps 0.013, 0.09, 0.001): step 1 (same weights, so forward numerics only) loss_g
+    within 0.02; every step loss_d within 2 %, loss_g within 0.15 (Adam with beta1 = 0 turns small
+    gradient differences into full-size updates, so trajectories drift), clip_sim within 0.005.
+    """
+    fp32 = _losses(tiny_config(tmp_path, shards, "train.precision=fp32"), 4)
+    bf16 = _losses(tiny_config(tmp_path, shards, "train.precision=bf16"), 4)
+    assert bf16[0]["loss_g"] == pytest.approx(fp32[0]["loss_g"], abs=0.02)
+    for a, b in zip(fp32, bf16):
+        assert b["loss_d"] == pytest.approx(a["loss_d"], rel=0.02)
+        assert b["loss_g"] == pytest.approx(a["loss_g"], abs=0.15)
+        assert b["clip_sim"] == pytest.approx(a["clip_sim"], abs=0.005)
+    # and they are not trivially equal: bf16 really ran in bf16
+    assert any(a["loss_g"] != b["loss_g"] for a, b in zip(fp32, bf16))
+
+
+def test_clip_weights_are_cast_once_layernorm_stays_fp32(tmp_path, shards):
+    cfg = tiny_config(tmp_path, shards, "train.precision=bf16")
+    trainer = Trainer.create(cfg, DistEnv())
+    visual = trainer.clip.visual
+    block = visual.transformer.resblocks[0]
+    assert block.attn.in_proj_weight.dtype == torch.bfloat16
+    assert block.mlp.c_fc.weight.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == torch.float32 and visual.ln_post.weight.dtype == torch.float32
+    # the trainable nets stay fp32 (autocast computes in bf16, the optimiser updates fp32 masters)
+    assert all(p.dtype == torch.float32 for p in trainer.net_g.parameters())
+    # entry points work with or without an enclosing autocast
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    feats, emb = trainer.clip.image_features(images)
+    ref = Trainer.create(tiny_config(tmp_path, shards, "train.precision=fp32"), DistEnv()).clip
+    ref_feats, ref_emb = ref.image_features(images)
+    assert torch.nn.functional.cosine_similarity(emb.float(), ref_emb, dim=-1).min() > 0.99
+    assert (feats.float() - ref_feats).norm() / ref_feats.norm() < 0.05
+
+
+def test_fp16_scaler_follows_the_reference():
+    scaler = Precision("fp16", "cpu").grad_scaler()
+    assert scaler.is_enabled() and scaler.get_growth_interval() == FP16_GROWTH_INTERVAL == 2000
+    scaler.scale(torch.ones(()))  # materialises the scale tensor
+    for below in (63.0, 1.0, 2.0**-10):
+        scaler.update(below)
+        apply_scale_floor(scaler)
+        assert scaler.get_scale() == 16384.0
+    for kept in (64.0, 128.0, 65536.0):
+        scaler.update(kept)
+        apply_scale_floor(scaler)
+        assert scaler.get_scale() == kept
+    disabled = Precision("bf16", "cpu").grad_scaler()
+    apply_scale_floor(disabled)  # a no-op, no error
+    assert not disabled.is_enabled()
+
+
+def test_fp16_step_applies_the_floor_and_skips_overflow(tmp_path, shards):
+    trainer = Trainer.create(tiny_config(tmp_path, shards, "train.precision=fp16"), DistEnv())
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    tokens = trainer.clip.tokenize(["a red square on the left"] * 4)
+    trainer.scaler_d.scale(torch.ones(()))
+    trainer.scaler_d.update(8.0)  # as if a burst of overflows had pushed it down
+    trainer.train_step([(images, tokens)])
+    assert trainer.scaler_d.get_scale() == 16384.0
+    trainer.check_finite()  # a skipped fp16 overflow step is not an error
+
+
+def test_precision_resolution():
+    assert Precision.resolve("auto", torch.device("cpu")).name == "fp32"
+    assert Precision.resolve("bf16", torch.device("cpu")).dtype == torch.bfloat16
+    assert Precision.resolve("fp16", torch.device("cpu")).use_scaler
+    with pytest.raises(ValueError, match="train.precision"):
+        Precision.resolve("fp8", torch.device("cpu"))
+
+
+def _state(path):
+    ckpt = load_checkpoint(path)
+    return {k: ckpt[k] for k in ("netG", "netD", "netC", "netG_ema", "optG", "optD")}
+
+
+def _assert_equal(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_persistent_workers_from_any_step(tmp_path, shards):
+    """Two DataLoader workers that live across checkpoint segments; the run is stopped at step 3
+    (not a checkpoint boundary: ckpt_every=2) and resumed to 5: weights, EMA and optimisers equal the
+    straight run's bit for bit."""
+    extra = ("data.workers=2", "train.ckpt_every=2", "train.max_steps=5", "train.ema_decay=0.9")
+    straight = tiny_config(tmp_path / "a", shards, *extra)
+    assert run(straight)["step"] == 5
+    split = tiny_config(tmp_path / "b", shards, *extra)
+    assert run(split, max_steps=3)["step"] == 3
+    assert run(split, resume=True)["step"] == 5
+    _assert_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000005.pt"), _state(tmp_path / "b/run/checkpoints/ckpt_00000005.pt"))
+
+
+@pytest.mark.slow
+def test_compiled_train_step_runs_on_cpu(tmp_path, shards):
+    """train.compile: G, the fake path of D/C and the CLIP image pass under torch.compile (inductor
+    builds C++ kernels with the system compiler); the MA-GP path stays eager (double backward)."""
+    cfg = tiny_config(tmp_path, shards, "train.compile=true", "model.mapper_blocks=1")
+    trainer = Trainer.create(cfg, DistEnv())
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    tokens = trainer.clip.tokenize(["a red square on the left"] * 4)
+    before = [p.detach().clone() for p in trainer.net_g.parameters()]
+    trainer.train_step([(images, tokens)])
+    trainer.check_finite()
+    stats = trainer.read_stats()
+    assert all(v == v for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.net_g.parameters()))
+
+
+@pytest.mark.slow
+def test_device_script_runs_its_cpu_parts(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    rc = gpu_check.main(["--device", "cpu", "--quick", "--results-dir", str(tmp_path), "--budget", "900"])
+    (result,) = tmp_path.glob("gpu_cpu_*_quick.json")
+    data = json.loads(result.read_text())
+    failed = {k: v.get("error") for k, v in data["sections"].items() if not v.get("ok")}
+    assert rc == 0 and not failed, failed
+    secs = data["sections"]
+    assert {"env", "correctness", "train_fp32", "train_bf16", "generate", "ddp_1", "loader", "flops"} <= set(secs)
+    assert secs["flops"]["flops_per_iter"] > 0 and secs["loader"]["cpus"] >= 1
+    assert secs["ddp_1"]["checkpoints"][-1] == "ckpt_00000006.pt"

@@ -193,17 +193,9 @@ def import_reference(
 ) -> None:
     """Convert a reference GALIP checkpoint into ours (generate, evaluate, register, fine-tune with --resume)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .clip import ClipWeightsError
-    from .reference_format import ReferenceFormatError, import_reference as run
+    from .reference_format import import_reference as run
 
-    try:
-        result = run(cfg, path, out)
-    except (FileNotFoundError, FileExistsError, ReferenceFormatError, ClipWeightsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    for note in result["notes"]:
-        typer.echo(f"note: {note}", err=True)
-    typer.echo(json.dumps(result))
+    _convert(lambda: run(cfg, path, out))
 
 
 @app.command("export-reference")
@@ -212,11 +204,18 @@ def export_reference(
     out: Annotated[Path, typer.Argument(help="file to write in the reference format (e.g. state_epoch_000.pth)")],
 ) -> None:
     """Write a checkpoint in the reference code's format, with the CLIP weights its NetG embeds."""
+    from .reference_format import export_reference as run
+
+    _convert(lambda: run(checkpoint, out))
+
+
+def _convert(call) -> None:
+    """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
     from .clip import ClipWeightsError
-    from .reference_format import ReferenceFormatError, export_reference as run
+    from .reference_format import ReferenceFormatError
 
     try:
-        result = run(checkpoint, out)
+        result = call()
     except (FileNotFoundError, FileExistsError, ReferenceFormatError, ClipWeightsError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -310,7 +310,7 @@ def read_reference(path: Path) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise ReferenceFormatError(
-            f"{path}: not a complete torch file ({type(exc).__name__}: {_first_line(exc) or 'empty'}); "
+            f"{path}: not a complete torch file ({type(exc).__name__}: {_first_line(exc).split('. ')[0] or 'empty'}); "
             "the download was probably cut short: download it again"
         ) from None
 
@@ -342,11 +342,8 @@ def reference_parts(raw: Any) -> tuple[dict[str, Any], Any]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def recipe_differences(cfg: Config, clip) -> list[str]:
@@ -392,7 +389,8 @@ def import_reference(cfg: Config, path: str | Path, out: str | Path | None = Non
     notes: list[str] = []
     if ("netD" in parts) != ("netC" in parts):
         notes.append(f"the file has only {'netD' if 'netD' in parts else 'netC'}: D and C start fresh together")
-        parts.pop("netD", None), parts.pop("netC", None)
+        for name in ("netD", "netC"):
+            parts.pop(name, None)
     payload: dict[str, Any] = {"step": 0, "config": cfg.to_dict()}
     try:
         for name, net in nets.items():

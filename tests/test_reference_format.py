@@ -230,6 +230,24 @@ def test_fp16_clip_weights_in_the_file_are_accepted(trained, exported, tmp_path)
     assert main(import_args(trained[0], save(raw, tmp_path / "fp16.pth"), "--out", str(tmp_path / "x.pt"))) == 0
 
 
+def test_optimizers_saved_by_old_pytorch_import_and_step(trained, exported, tmp_path):
+    """The reference trained on PyTorch 1.x: Adam kept `step` as an int and fewer param-group keys."""
+    raw = torch.load(exported, weights_only=True)
+    for opt in raw["optimizers"].values():
+        opt["param_groups"] = [{k: g[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "params")} for g in opt["param_groups"]]
+        for state in opt["state"].values():
+            state["step"] = int(state["step"])
+    out = tmp_path / "old.pt"
+    assert main(import_args(trained[0], save(raw, tmp_path / "old.pth"), "--out", str(out))) == 0
+    net_g, clip, cfg = load_generator(out)
+    opt = torch.optim.Adam(net_g.parameters())
+    opt.load_state_dict(load_checkpoint(out)["optG"])
+    sent, _ = clip.encode_text(clip.tokenize(["a red square"]))
+    net_g.train()(torch.randn(1, cfg.model.nz), sent).mean().backward()
+    opt.step()
+    assert int(opt.state[net_g.fc_code.weight]["step"]) == 3  # 2 training steps in the file, then this one
+
+
 def test_generation_only_file_generates_and_fine_tunes_with_fresh_d(trained, exported, shards, tmp_path, capsys, caplog):
     raw = torch.load(exported, weights_only=True)
     gen_only = save({"model": {"netG": raw["model"]["netG"]}}, tmp_path / "netG_only.pth")
@@ -238,6 +256,7 @@ def test_generation_only_file_generates_and_fine_tunes_with_fresh_d(trained, exp
     assert "note: generation-only" in capsys.readouterr().err
     imported = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert imported.name == "ckpt_00000000.pt"
+    assert main(import_args(args, gen_only)) == 2 and "already holds ckpt_00000000.pt" in capsys.readouterr().err
     assert {"netD", "netC", "optG", "optD"}.isdisjoint(load_checkpoint(imported))
 
     assert main(["generate", "--checkpoint", str(imported), "--prompt", "a red square", "--n", "2", "--out", str(tmp_path / "g.png")]) == 0

@@ -60,17 +60,22 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None = None) -> Path:
-    """Write atomically (temp file in the same folder, fsync, os.replace), then prune old ones."""
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, fsync, os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, "galip_version": __version__, **payload}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
+        torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None = None) -> Path:
+    """Write atomically, then prune old ones."""
+    path = atomic_save({"format_version": FORMAT_VERSION, "galip_version": __version__, **payload}, path)
     if keep:
         for old in list_checkpoints(path.parent)[:-keep]:
             old.unlink(missing_ok=True)
@@ -87,23 +92,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def training_clip(cfg):
+    """The frozen CLIP a run with ``cfg`` trains against.
+
+    A random-weight CLIP (model.clip_pretrained '') is not stored: the trainer creates it right after
+    torch.manual_seed(train.seed), so the same seed recreates the very same weights.
+    """
+    from .clip import clip_from_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return clip_from_config(cfg.model)
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=None):
     """(NetG in eval mode, FrozenCLIP, Config) from a training checkpoint; CLIP comes from the saved config."""
-    from .clip import clip_from_config
     from .config import config_from_dict
     from .models import NetG
     from .precision import Precision
 
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    if clip is None:
-        # A random-weight CLIP (model.clip_pretrained '') is not stored: the trainer created it right
-        # after torch.manual_seed(train.seed), so the same seed recreates the very same weights.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            clip = clip_from_config(cfg.model)
     device = torch.device(device)
     # Inference runs in the device's own precision (bf16 CLIP on GPUs, fp32 on CPU): see generate_images.
+    clip = clip if clip is not None else training_clip(cfg)
     clip = clip.set_precision(Precision.resolve("auto", device).dtype).to(device)
     net_g = NetG(cfg.model, clip)
     # The EMA weights are the model; a run trained without EMA has only netG.

@@ -180,9 +180,55 @@ def train_clip(
     typer.echo(json.dumps(result))
 
 
+@app.command("import-reference")
+def import_reference(
+    path: Annotated[Path, typer.Argument(help="checkpoint of the reference code (tobran/GALIP), e.g. the released CC12M model")],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="checkpoint to write (default: train.out_dir/checkpoints/ckpt_00000000.pt, where --resume finds it)")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: Annotated[str, typer.Option("--profile", help="profile whose model and CLIP the file must match")] = "cc12m",
+    set_: SetOpt = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Convert a reference GALIP checkpoint into ours (generate, evaluate, register, fine-tune with --resume)."""
+    cfg = load_or_exit(params, profile, set_, dry_run)
+    from .reference_format import import_reference as run
+
+    _convert(lambda: run(cfg, path, out))
+
+
+@app.command("export-reference")
+def export_reference(
+    checkpoint: Annotated[Path, typer.Argument(help="our checkpoint (.pt)")],
+    out: Annotated[Path, typer.Argument(help="file to write in the reference format (e.g. state_epoch_000.pth)")],
+) -> None:
+    """Write a checkpoint in the reference code's format, with the CLIP weights its NetG embeds."""
+    from .reference_format import export_reference as run
+
+    _convert(lambda: run(checkpoint, out))
+
+
+def _convert(call) -> None:
+    """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
+    from .clip import ClipWeightsError
+    from .reference_format import ReferenceFormatError
+
+    try:
+        result = call()
+    except (FileNotFoundError, FileExistsError, ReferenceFormatError, ClipWeightsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(json.dumps(result))
+
+
 @app.command()
 def register(
-    metrics: Annotated[Path, typer.Option("--metrics", help="metrics.json written by `galip evaluate`")],
+    metrics: Annotated[
+        Optional[Path], typer.Option("--metrics", help="metrics.json written by `galip evaluate` (without it: no gate metric, champion unchanged)")
+    ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint (default: the one metrics.json names)")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="MLflow run to log the model to (default: a new run)")] = None,
     params: ParamsOpt = Path("params.yaml"),

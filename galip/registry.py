@@ -23,6 +23,7 @@ from typing import Any
 from .config import Config
 
 GATE_TAG_PREFIX = "gate."
+ORIGIN_TAG_PREFIX = "origin."
 # Runtime packages of the pyfunc; pinned to what this environment trained with.
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
@@ -96,13 +97,22 @@ def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
     return artifacts
 
 
+def origin_tags(checkpoint: Path) -> dict[str, str]:
+    """``origin.*`` tags for weights imported from elsewhere (``galip import-reference``); {} for our own."""
+    from .checkpoint import load_checkpoint
+
+    origin = load_checkpoint(checkpoint).get("origin") or {}
+    return {f"{ORIGIN_TAG_PREFIX}{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in origin.items()}
+
+
 def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
-    """Log the pyfunc to ``run_id``; returns the model URI."""
+    """Log the pyfunc to ``run_id`` (origin tags on the run); returns the model URI."""
     import mlflow
 
     from . import serving
 
     configure(cfg)
+    origin = origin_tags(checkpoint)
     active = mlflow.active_run()
     # The orchestrator may already hold run_id open (the flow's run); log into it rather than reopen it.
     in_run = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
@@ -115,7 +125,10 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
             pip_requirements=pip_requirements(),
             # The galip package travels with the model, so serving needs no checkout of this repository.
             code_paths=[str(Path(__file__).resolve().parent)],
+            metadata=origin or None,
         )
+        if origin:
+            mlflow.set_tags(origin)
     return info.model_uri
 
 
@@ -192,6 +205,9 @@ def register(cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any]) 
         if isinstance(value, (int, float)):
             client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, str(float(value)))
     client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
+    for key, value in client.get_run(run_id).data.tags.items():
+        if key.startswith(ORIGIN_TAG_PREFIX):  # set by log_model for imported weights
+            client.set_model_version_tag(m.model_name, version, key, value)
     client.set_registered_model_alias(m.model_name, m.challenger_alias, version)
     raw = metrics.get(m.gate_metric)
     decision = gate(cfg, str(version), float(raw) if isinstance(raw, (int, float)) else None)
@@ -205,12 +221,19 @@ def load_metrics(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def register_from_files(cfg: Config, metrics_path: Path, checkpoint: Path | None, run_id: str | None) -> dict[str, Any]:
-    """CLI path: metrics.json (+ the checkpoint it names) -> logged, registered, gated model."""
+def register_from_files(cfg: Config, metrics_path: Path | None, checkpoint: Path | None, run_id: str | None) -> dict[str, Any]:
+    """CLI path: metrics.json (+ the checkpoint it names) -> logged, registered, gated model.
+
+    A checkpoint without metrics registers too (alias challenger); with no gate metric the gate
+    leaves champion where it is.
+    """
     import mlflow
 
-    metrics = load_metrics(Path(metrics_path))
-    ckpt = Path(checkpoint or metrics.get("protocol", {}).get("checkpoint", ""))
+    metrics = load_metrics(Path(metrics_path)) if metrics_path else {}
+    named = checkpoint or metrics.get("protocol", {}).get("checkpoint")
+    if not named:
+        raise FileNotFoundError("no checkpoint to register: pass --checkpoint (or --metrics from `galip evaluate`)")
+    ckpt = Path(named)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint)")
     configure(cfg)

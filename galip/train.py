@@ -84,6 +84,7 @@ class Trainer:
     noise_gen: torch.Generator
     ema: GeneratorEMA | None = None
     step: int = 0
+    origin: dict[str, Any] | None = None  # where the weights came from, if imported (galip import-reference)
 
     def __post_init__(self) -> None:
         g, d, c = self.net_g, self.net_d, self.net_c
@@ -304,27 +305,34 @@ class Trainer:
             "noise_rng": noise_states,
             "rank_param_checksums": checksums,
         }
+        if self.origin:
+            payload["origin"] = self.origin  # provenance of an imported model survives fine-tuning
         path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints)
         return path
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.env.device)
         self.net_g.load_state_dict(ckpt["netG"])
-        self.net_d.load_state_dict(ckpt["netD"])
-        self.net_c.load_state_dict(ckpt["netC"])
+        # An imported checkpoint (galip import-reference) may hold only G: the rest starts fresh.
+        parts = {"netD": self.net_d, "netC": self.net_c, "optG": self.opt_g, "optD": self.opt_d, "scalerG": self.scaler_g, "scalerD": self.scaler_d}
+        fresh = [key for key in parts if key not in ckpt]
+        for key, target in parts.items():
+            if key in ckpt:
+                target.load_state_dict(ckpt[key])
+        if fresh:
+            log.warning("%s holds no %s: those start fresh", path.name, ", ".join(fresh))
         if self.ema is not None:
-            # A checkpoint from a run without EMA starts the average from its current weights.
+            # A checkpoint from a run without EMA (or an import) starts the average from its weights.
             self.ema.model.load_state_dict(ckpt.get("netG_ema", ckpt["netG"]))
-        self.opt_g.load_state_dict(ckpt["optG"])
-        self.opt_d.load_state_dict(ckpt["optD"])
-        self.scaler_g.load_state_dict(ckpt["scalerG"])
-        self.scaler_d.load_state_dict(ckpt["scalerD"])
-        restore_rng(ckpt["rng"])
-        states = ckpt["noise_rng"]
+        self.origin = ckpt.get("origin")
+        if "rng" in ckpt:
+            restore_rng(ckpt["rng"])
+        states = ckpt.get("noise_rng") or []
         if len(states) == self.env.world_size:
             self.noise_gen.set_state(states[self.env.rank].cpu())
         else:
-            log.warning("checkpoint was written by %d processes, now %d: noise streams are reseeded", len(states), self.env.world_size)
+            if states:
+                log.warning("checkpoint was written by %d processes, now %d: noise streams are reseeded", len(states), self.env.world_size)
             self.noise_gen.manual_seed(segment_seed(self.cfg.train.seed, self.env.rank, ckpt["step"]))
         self.step = self._checked_at = int(ckpt["step"])
 

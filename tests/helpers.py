@@ -37,7 +37,12 @@ def write_shards(
 
 def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
     """The demo profile shrunk to seconds: batch 4, tiny G/D, no DataLoader workers."""
-    overrides = [
+    return load_config("params.yaml", tiny_overrides(tmp, shards, *extra), profile="demo")
+
+
+def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
+    """tiny_config's -S overrides of the demo profile, for command-line tests."""
+    return [
         f"data.shards_dir={shards}",
         "data.workers=0",
         "data.shuffle_buffer=8",
@@ -54,4 +59,21 @@ def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
         "model.mapper_blocks=1",
         *extra,
     ]
-    return load_config("params.yaml", overrides, profile="demo")
+
+
+def assert_bitwise_equal(a, b, where=""):
+    """Nested dicts/lists of tensors and plain values are identical, bit for bit."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -15,7 +15,7 @@ from galip.distributed import DistEnv
 from galip.precision import FP16_GROWTH_INTERVAL, Precision, apply_scale_floor
 from galip.train import Trainer, run
 
-from helpers import tiny_config, write_shards
+from helpers import assert_bitwise_equal, tiny_config, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,20 +117,6 @@ def _state(path):
     return {k: ckpt[k] for k in ("netG", "netD", "netC", "netG_ema", "optG", "optD")}
 
 
-def _assert_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_resume_is_exact_with_persistent_workers_from_any_step(tmp_path, shards):
     """Two DataLoader workers that live across checkpoint segments; the run is stopped at step 3
@@ -142,7 +128,7 @@ def test_resume_is_exact_with_persistent_workers_from_any_step(tmp_path, shards)
     split = tiny_config(tmp_path / "b", shards, *extra)
     assert run(split, max_steps=3)["step"] == 3
     assert run(split, resume=True)["step"] == 5
-    _assert_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000005.pt"), _state(tmp_path / "b/run/checkpoints/ckpt_00000005.pt"))
+    assert_bitwise_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000005.pt"), _state(tmp_path / "b/run/checkpoints/ckpt_00000005.pt"))
 
 
 @pytest.mark.slow

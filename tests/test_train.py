@@ -12,6 +12,7 @@ from galip.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoin
 from galip.cli import main
 from galip.train import NonFiniteLossError, run
 
+from helpers import assert_bitwise_equal as _assert_bitwise_equal
 from helpers import tiny_config, write_shards
 
 
@@ -23,21 +24,6 @@ def shards(tmp_path_factory):
 def _state(path):
     ckpt = load_checkpoint(path)
     return {k: ckpt[k] for k in ("netG", "netD", "netC", "optG", "optD")}
-
-
-def _assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, shards):

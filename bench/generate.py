@@ -1,12 +1,11 @@
 """Images/s of GALIP sampling (text encoding + NetG forward through the frozen ViT mapper).
 
     python bench/generate.py --profile cc12m --batch 16
-    python bench/generate.py --profile cc12m --device cuda --precision bf16 --batch 256
+    python bench/generate.py --profile cc12m --device cuda --precision bf16 --batch 256 [-S train.compile=true]
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from galip.clip import clip_from_config  # noqa: E402
 from galip.distributed import resolve_device  # noqa: E402
 from galip.generate import generate_images  # noqa: E402
 from galip.models import NetG  # noqa: E402
+from galip.precision import Precision  # noqa: E402
 
 
 def main() -> None:
@@ -26,17 +26,17 @@ def main() -> None:
     cfg = config(args)
     device = resolve_device(args.device)
     batch = args.batch or cfg.train.batch_size
-    clip = clip_from_config(cfg.model).to(device)
+    precision = Precision.resolve(args.precision, device)
+    clip = clip_from_config(cfg.model).set_precision(precision.dtype).to(device)
     net_g = NetG(cfg.model, clip).to(device).eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if cfg.train.compile:
+        net_g = torch.compile(net_g)
     prompts = [f"a photo of object number {i}" for i in range(batch)]
 
-    def step() -> None:
-        with ctx:
-            generate_images(net_g, clip, prompts, n=1, batch_size=batch)
+    def step() -> None:  # exactly the sampling / evaluation / serving path
+        generate_images(net_g, clip, prompts, n=1, batch_size=batch, precision=precision)
 
-    report("generate", cfg, batch, device, timed(step, args.iters, args.warmup, device))
+    report("generate", cfg, batch, device, timed(step, args.iters, args.warmup, device), compile=cfg.train.compile)
 
 
 if __name__ == "__main__":

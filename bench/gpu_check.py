@@ -10,7 +10,7 @@ recorded with its error and the rest still run; sections past --budget seconds a
 Sections: env (card, driver, torch, CUDA, measured bf16 matmul peak); correctness (losses of the same
 20 steps from the same seed and batch in fp32 vs bf16 vs fp16); train (img/s and peak memory per
 recipe: fp32, the reference's recipe = fp16 autocast + fp16 CLIP + GradScaler + unfused Adam, bf16,
-bf16 + channels_last, bf16 + torch.compile); flops (one iteration counted by torch.utils.flop_counter
+bf16 + torch.compile); flops (one iteration counted by torch.utils.flop_counter
 -> achieved TFLOP/s vs the card's peak); generate (img/s at batch 256 through the serving path);
 ddp (torchrun smoke runs over NCCL, 1 process and 2 if there are 2+ GPUs); loader (the training
 stream's img/s at 224 px with the machine's cores).
@@ -237,7 +237,6 @@ TRAIN_RECIPES = {
     "fp32": ("fp32", [], None, False),
     "reference_fp16": ("fp16", [], torch.float16, True),
     "bf16": ("bf16", [], torch.bfloat16, False),
-    "bf16_channels_last": ("bf16", ["train.channels_last=true"], torch.bfloat16, False),
     "bf16_compile": ("bf16", ["train.compile=true"], torch.bfloat16, False),
 }
 
@@ -470,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             ("env", lambda: section_env(args, device)),
             ("correctness", lambda: section_correctness(args, device)),
             *[(f"train_{r}", (lambda r=r: train_recipe(args, device, r)))
-              for r in ("fp32", "reference_fp16", "bf16", "bf16_channels_last") if device.type == "cuda" or r != "reference_fp16"],
+              for r in ("fp32", "reference_fp16", "bf16") if device.type == "cuda" or r != "reference_fp16"],
             ("generate_bf16" if device.type == "cuda" else "generate", lambda: section_generate(args, device)),
             ("ddp_1", lambda: section_ddp(args, device, tmp, 1)),
             ("loader", lambda: section_loader(args, device, tmp)),

@@ -102,7 +102,6 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="bf16 (GPU default), fp16 = the reference's recipe with loss scaling, fp32 (CPU default)"
     )
-    channels_last: bool = False
     compile: bool = Field(False, description="torch.compile G, the fake-image path of D/C and the CLIP image pass")
     tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
     cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest algorithm per shape")

@@ -25,7 +25,7 @@ from .checkpoint import latest_checkpoint, load_generator
 from .clip import ClipWeightsError, FrozenCLIP, load_clip
 from .config import Config, ConfigError, EvalConfig
 from .distributed import DistEnv, barrier, cleanup, init_distributed
-from .generate import generate_images, latents
+from .generate import generate_images, latents, render
 from .models import NetG
 
 log = logging.getLogger("galip.evaluate")
@@ -74,11 +74,9 @@ def eval_prompts(cfg: Config) -> tuple[list[str], list[Any] | None]:
     return reference_captions(list_shards(*reference_spec(cfg)), n), None
 
 
-@torch.no_grad()
 def generate_batch(net_g: NetG, clip: FrozenCLIP, captions: Sequence[str], z: torch.Tensor) -> torch.Tensor:
-    """One image per (caption, latent) pair, in [-1, 1], fp32."""
-    sent, _ = clip.encode_text(clip.tokenize(list(captions)).to(z.device))
-    return net_g(z, sent.float()).float().clamp(-1, 1)
+    """One image per (caption, latent) pair, in [-1, 1], fp32: the serving path (galip.generate.render)."""
+    return render(net_g, clip, captions, z, batch_size=len(z)).to(z.device)
 
 
 def _clip_name(name: str, pretrained: str, random_seed: str) -> str:

@@ -23,6 +23,32 @@ def latents(n: int, nz: int, seed: int, interpolate: bool = False) -> torch.Tens
     return (1 - w) * a + w * b
 
 
+def render(
+    net_g: NetG,
+    clip: FrozenCLIP,
+    prompts: Sequence[str],
+    z: torch.Tensor,
+    precision: Precision | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """One image per (prompt, latent) row: [len(prompts), 3, H, W] in [-1, 1], float32 on the CPU.
+
+    The one inference path of sampling, evaluation and serving: inference mode, batched, under the
+    device's precision (bf16 autocast with a bf16 CLIP on GPUs, fp32 on CPU).
+    """
+    if len(prompts) != len(z):
+        raise ValueError(f"{len(prompts)} prompts but {len(z)} latents")
+    device = next(net_g.parameters()).device
+    precision = precision or Precision.resolve("auto", device)
+    out = []
+    with torch.inference_mode(), precision.autocast():
+        for i in range(0, len(z), batch_size):
+            sent, _ = clip.encode_text(clip.tokenize(list(prompts[i : i + batch_size])).to(device))
+            images = net_g(z[i : i + batch_size].to(device), sent.float())
+            out.append(images.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
 def generate_images(
     net_g: NetG,
     clip: FrozenCLIP,
@@ -33,20 +59,10 @@ def generate_images(
     batch_size: int = 64,
     precision: Precision | None = None,
 ) -> torch.Tensor:
-    """[len(prompts) * n, 3, H, W] images in [-1, 1] (float32, on the CPU); the same latents for every prompt.
-
-    The one inference path of sampling, evaluation and serving: inference mode, batched, under the
-    training precision's autocast (bf16/fp16 with a low-precision CLIP on GPUs, fp32 on CPU).
-    """
-    device = next(net_g.parameters()).device
-    precision = precision or Precision.resolve("auto", device)
-    z = latents(n, net_g.nz, seed, interpolate)
-    with torch.inference_mode(), precision.autocast():
-        sent, _ = clip.encode_text(clip.tokenize(list(prompts)).to(device))
-        sent = sent.float().repeat_interleave(n, 0)
-        z = z.repeat(len(prompts), 1).to(device)
-        out = [net_g(z[i : i + batch_size], sent[i : i + batch_size]).float().clamp(-1, 1).cpu() for i in range(0, len(z), batch_size)]
-    return torch.cat(out)
+    """[len(prompts) * n, 3, H, W] images in [-1, 1]; the same n latents for every prompt (one grid row each)."""
+    z = latents(n, net_g.nz, seed, interpolate).repeat(len(prompts), 1)
+    rows = [p for p in prompts for _ in range(n)]
+    return render(net_g, clip, rows, z, precision, batch_size)
 
 
 def run(

@@ -451,6 +451,9 @@ def export_reference(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     atomic_save(state, out)
     differences = recipe_differences(cfg, clip)
     notes = ["the reference code cannot run it (it hard-codes its recipe): " + ", ".join(differences)] if differences else []
+    if "netG_ema" in ckpt:
+        notes.append("netG holds the trained weights (they match the optimizer state); the EMA generator that "
+                     "galip generate/evaluate/serve use has no place in the reference format and is not exported")
     if "optimizers" not in state:
         notes.append("no optimizers: the reference's test.py/sample.ipynb load it, its train.py resume (load_models_opt) does not")
     return {"out": str(out), "parts": list(model) + list(state.get("optimizers", {})), "step": ckpt["step"], "notes": notes}

@@ -119,9 +119,6 @@ class Trainer:
             enable_fast_cuda_math(t.tf32, t.cudnn_benchmark)
         clip = (clip or clip_from_config(cfg.model)).set_precision(precision.dtype).to(env.device)
         net_g, net_d, net_c = (m.to(env.device) for m in build_nets(cfg.model, clip))
-        if t.channels_last:
-            for m in (net_g, net_d, net_c):
-                m.to(memory_format=torch.channels_last)
         betas = (t.beta1, t.beta2)
         # Fused Adam: one kernel for all parameters instead of a few per tensor (CUDA; same maths).
         fused = env.device.type == "cuda"
@@ -152,10 +149,6 @@ class Trainer:
             stack.enter_context(m.no_sync())
         return stack
 
-    def _activations(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last must reach the activations too, or every conv converts its input back and forth.
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
-
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One optimiser step of D (+C) and of G over ``grad_accum`` micro-batches of (images, tokens).
 
@@ -176,7 +169,7 @@ class Trainer:
         self.net_c.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         for i, (real, tokens) in enumerate(micro_batches):
-            real = self._activations(real.to(dev, non_blocking=True))
+            real = real.to(dev, non_blocking=True)
             tokens = tokens.to(dev, non_blocking=True)
             with torch.no_grad(), self.autocast():
                 sent, _ = self.clip.encode_text(tokens)

@@ -18,8 +18,8 @@ def test_profiles_resolve_from_the_repository_params():
 
 
 def test_dvc_style_overrides():
-    cfg = load_config("params.yaml", ["train.lr_g=2e-4", "train.channels_last=true", "profile=cc12m"])
-    assert cfg.train.lr_g == 2e-4 and cfg.train.channels_last is True and cfg.profile == "cc12m"
+    cfg = load_config("params.yaml", ["train.lr_g=2e-4", "train.compile=true", "profile=cc12m"])
+    assert cfg.train.lr_g == 2e-4 and cfg.train.compile is True and cfg.profile == "cc12m"
     cfg = load_config("params.yaml", ["profiles.demo.train.batch_size=8"], profile="demo")
     assert cfg.train.batch_size == 8
 

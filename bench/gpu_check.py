@@ -364,7 +364,7 @@ def section_loader(args: argparse.Namespace, device: torch.device, tmp: Path) ->
     from galip.clip import load_clip
 
     tokenizer = load_clip("galip-tiny").tokenizer
-    for n_workers in sorted({max(1, workers // 2), workers}):
+    for n_workers in sorted({max(1, workers // 2), workers}) if device.type == "cuda" else [workers]:
         cfg = load_config(str(ROOT / "params.yaml"), [
             f"data.shards_dir={shards}", f"data.workers={n_workers}", "data.load_size=256", "data.crop_size=224",
             "data.shuffle_buffer=1000",
@@ -441,10 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     args.profile = args.profile or ("demo" if q else "cc12m")
     args.batch = args.batch or (4 if q else 64)
     args.gen_batch = args.gen_batch or (8 if q else 256)
-    args.iters = args.iters or (2 if q else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
-    args.correctness_steps = args.correctness_steps or (3 if q else 20)
-    args.loader_images = args.loader_images or (128 if q else 4096)
+    args.iters = args.iters or (1 if q else 20)
+    args.warmup = args.warmup if args.warmup is not None else (0 if q else 5)
+    args.correctness_steps = args.correctness_steps or (2 if q else 20)
+    args.loader_images = args.loader_images or (64 if q else 4096)
     args.compile = (not q) if args.compile is None else args.compile
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

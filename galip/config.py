@@ -35,8 +35,8 @@ class DataConfig(_Section):
     caption_col: str = "caption"
     shards_dir: str = "data/cc12m/shards"
     shards: str = Field("", description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
-    image_size: int = Field(256, gt=0, description="img2dataset output size")
-    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "center_crop"
+    image_size: int = Field(304, gt=0, description="img2dataset output size (shorter side with keep_ratio)")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "keep_ratio"
     encode_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: int = Field(10000, gt=0)
     processes: int = Field(2, gt=0)
@@ -55,6 +55,9 @@ class DataConfig(_Section):
     demo_images: int = Field(0, ge=0)
     demo_seed: int = 0
     demo_broken: bool = Field(False, description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
+    max_skip_fraction: float = Field(
+        0.5, gt=0, le=1, description="stop when more than this share of samples is unusable (after 100 samples)"
+    )
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "DataConfig":

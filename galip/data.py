@@ -65,16 +65,40 @@ class LoaderStats:
         return self.reasons.get(PARTIAL_BATCH, 0)
 
 
-class _SkipCounter:
-    """Per-worker counter; also the webdataset error handler (count, then continue)."""
+class DataQualityError(RuntimeError):
+    """Most samples are unusable: training would spin on skips forever instead of stepping."""
 
-    def __init__(self) -> None:
+
+class _SkipCounter:
+    """Per-worker counter; also the webdataset error handler (count, then continue).
+
+    Past ``max_fraction`` unusable samples (after ``MIN_SAMPLES``) it raises DataQualityError: with
+    resampled shards a data set whose every sample is corrupt would otherwise never yield a batch.
+    """
+
+    MIN_SAMPLES = 100
+
+    def __init__(self, max_fraction: float = 1.0) -> None:
         self.counts: Counter = Counter()
+        self.good = 0
+        self.max_fraction = max_fraction
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.counts[reason] += n
+        if reason == PARTIAL_BATCH:
+            return
+        bad = sum(v for k, v in self.counts.items() if k != PARTIAL_BATCH)
+        seen = bad + self.good
+        if seen >= self.MIN_SAMPLES and bad > self.max_fraction * seen:
+            top = ", ".join(f"{k}: {v}" for k, v in self.counts.most_common(3))
+            raise DataQualityError(
+                f"{bad} of {seen} samples were unusable ({top}), more than data.max_skip_fraction="
+                f"{self.max_fraction}: check the shards (galip download's data report) or raise the limit"
+            )
 
     def handler(self, exn: Exception) -> bool:
+        if isinstance(exn, DataQualityError):
+            raise exn
         self.skip(type(exn).__name__)
         return True
 
@@ -111,11 +135,16 @@ def resolve_shards(data_cfg: DataConfig, shards: str | None = None) -> list[str]
 
 # --- per-sample work ----------------------------------------------------------------------------------
 def augment(img: Image.Image, data_cfg: DataConfig, rng: random.Random) -> torch.Tensor:
-    """Reference augmentation: resize (shorter side) -> random crop -> horizontal flip -> [-1, 1]."""
+    """Reference augmentation: resize (shorter side, bilinear) -> random crop -> horizontal flip -> [-1, 1].
+
+    tobran/GALIP: transforms.Resize(int(imsize * 76 / 64)) (torchvision's default, bilinear) on the full
+    image, RandomCrop(imsize), RandomHorizontalFlip. The shards keep each image's aspect ratio with the
+    shorter side at data.image_size (img2dataset keep_ratio), so the crop sees the whole picture.
+    """
     import torchvision.transforms.functional as TF
 
     img = img.convert("RGB")
-    img = TF.resize(img, data_cfg.load_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    img = TF.resize(img, data_cfg.load_size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     w, h = img.size
     c = data_cfg.crop_size
     top, left = rng.randint(0, h - c), rng.randint(0, w - c)
@@ -168,6 +197,7 @@ def _prepare(
         except Exception as exn:  # noqa: BLE001 - any decode failure: count, keep going
             counter.skip(f"bad_image:{type(exn).__name__}")
             continue
+        counter.good += 1
         yield image, tokenizer([caption])[0], caption
 
 
@@ -283,7 +313,7 @@ def build_loader(
     urls = resolve_shards(data_cfg, shards)
     if any(u.startswith("s3://") for u in urls):
         _register_s3_gopen(data_cfg.s3_endpoint_url)
-    counter = _SkipCounter()
+    counter = _SkipCounter(data_cfg.max_skip_fraction)
     shard_order = None
     if data_cfg.resampled:
         # Every rank and worker draws shards with replacement from its own seeded stream: no
@@ -370,7 +400,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counter = _SkipCounter()  # this worker's counts over the whole run
+        counter = _SkipCounter(self.data_cfg.max_skip_fraction)  # this worker's counts over the whole run
         plan = self.plan
         per_segment = plan.segment_steps * plan.batches_per_step
         seg_start = plan.start_step - plan.start_step % plan.segment_steps

@@ -167,3 +167,23 @@ def test_resampled_epochs_are_even_across_ranks(tmp_path, tokenizer, workers):
     assert counts[0] == counts[1] >= 40 / (2 * 4)
     with pytest.raises(ValueError, match="resampled"):
         build_loader(cfg_for(shards, "data.resampled=false").data, tokenizer, 4, seed=0, epoch_samples=40)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unusable_data_stops_with_a_clear_error_instead_of_spinning(tmp_path, tokenizer, workers):
+    """Resampled shards of corrupt JPEGs never end a pass: past data.max_skip_fraction the stream
+    raises (from a worker too) instead of drawing shards forever without a batch."""
+    from galip.data import DataQualityError, StreamPlan, training_stream
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "bad.tar", "w") as tar:
+        for i in range(30):
+            _add(tar, f"{i:04d}.jpg", b"\xff\xd8\xff\xe0 not a jpeg %d" % i)
+            _add(tar, f"{i:04d}.txt", f"caption {i}".encode())
+        _add(tar, "9999.jpg", _jpeg(9))  # one good sample: the rate, not a total failure, trips it
+        _add(tar, "9999.txt", b"good")
+    cfg = cfg_for(shards, f"data.workers={workers}", "data.max_skip_fraction=0.5")
+    stream, _ = training_stream(cfg.data, tokenizer, 4, seed=0, plan=StreamPlan(0, 10))
+    with pytest.raises(DataQualityError, match="data.max_skip_fraction=0.5"):
+        next(stream)

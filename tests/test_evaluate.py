@@ -176,7 +176,6 @@ def test_two_ranks_give_the_single_process_numbers(trained, shards, tmp_path):
 
 
 def test_demo_held_out_prompts_score_prompt_fidelity(trained, shards):
-    pytest.importorskip("galip.demo_data", reason="galip.demo_data (the procedural renderer) is not in this tree yet")
     tmp, _, ckpt, _ = trained
     opts = overrides(tmp, shards, "eval.prompt_source=demo_held_out", "eval.metrics=[prompt_fidelity, r_precision]")
     result = run(load_config("params.yaml", opts, profile="demo"), ckpt)

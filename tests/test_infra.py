@@ -649,10 +649,5 @@ def test_readme_walks_to_the_cc12m_deployment(cfg):
 
 
 def test_cc12m_deployment_uses_the_kubernetes_pool(cfg):
-    path = ROOT / "prefect.yaml"
-    if not path.exists():
-        pytest.skip("prefect.yaml not written yet")
-    deployments = {d.get("name"): d for d in yaml.safe_load(path.read_text()).get("deployments") or []}
-    if "cc12m" not in deployments:
-        pytest.skip("prefect.yaml has no cc12m deployment yet")
+    deployments = {d.get("name"): d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text()).get("deployments") or []}
     assert deployments["cc12m"]["work_pool"]["name"] == cfg.kube.work_pool

@@ -215,7 +215,6 @@ def test_top1_hit_is_perfect_for_matching_embeddings_and_chance_for_random():
 
 @pytest.fixture(scope="module")
 def decoder():
-    pytest.importorskip("galip.demo_data", reason="galip.demo_data (the procedural renderer) is not in this tree yet")
     from galip.metrics.prompt_fidelity import SceneDecoder
 
     return SceneDecoder.calibrate(64)

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="galip_gpu_check_"))
 
     def want(section: str) -> bool:
-        return not only or section in only or section.split("_")[0] in only
+        return not only or section == "env" or section in only or section.split("_")[0] in only
 
     try:
         sections: list[tuple[str, Callable[[], Any]]] = [

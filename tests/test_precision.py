@@ -161,3 +161,11 @@ def test_device_script_runs_its_cpu_parts(tmp_path):
     assert {"env", "correctness", "train_fp32", "train_bf16", "generate", "ddp_1", "loader", "flops"} <= set(secs)
     assert secs["flops"]["flops_per_iter"] > 0 and secs["loader"]["cpus"] >= 1
     assert secs["ddp_1"]["checkpoints"][-1] == "ckpt_00000006.pt"
+
+
+def test_readme_speed_tables_match_the_result_files():
+    """The README's numbers are rendered from bench/results by bench/speed_table.py, never typed in."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed_table
+
+    assert speed_table.main(["--check"]) == 0, "run: python bench/speed_table.py"

@@ -1,0 +1,112 @@
+"""Render the README's speed tables from the committed result files in bench/results/.
+
+    python bench/speed_table.py           # rewrite the tables between the README's speed-table markers
+    python bench/speed_table.py --check   # exit 1 if the README and the result files disagree (a test runs this)
+
+Every row names the file it comes from and the machine figure it was measured with (the card, or the
+CPU threads and the load average at the time), so numbers from different machines are not mixed up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- speed-table:begin (bench/speed_table.py) -->", "<!-- speed-table:end -->"
+
+
+def records(path: Path) -> Iterator[dict[str, Any]]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        yield from (json.loads(line) for line in text.splitlines() if line.strip())
+    else:
+        yield json.loads(text)
+
+
+def _cpu_machine(r: dict[str, Any]) -> str:
+    parts = [f"{r['torch_threads']} threads" if "torch_threads" in r else "2-core VM"]
+    if "load_avg_1m" in r:
+        parts.append(f"load {r['load_avg_1m']}")
+    return ", ".join(parts)
+
+
+def cpu_rows() -> list[list[str]]:
+    rows = []
+    for path in sorted(RESULTS.glob("cpu_*.json*")):
+        for r in records(path):
+            name = path.name
+            if r["bench"] in ("train_step", "generate"):
+                what = f"{r['bench']}: {r['clip_model']} {r['image_size']} px, batch {r['batch']}, {r['precision']}"
+                rows.append([what, f"{r['images_per_s']} img/s ({r['sec_per_iter']} s/iter)", _cpu_machine(r), name])
+            elif r["bench"] == "loader":
+                what = f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}"
+                rows.append([what, f"{r['images_per_s']} img/s", _cpu_machine(r), name])
+            elif r["bench"] == "ddp_throughput":
+                what = f"torchrun demo training: {r['nprocs']} process(es) x batch {r['batch_per_proc']}"
+                rows.append([what, f"{r['images_per_s']} img/s", _cpu_machine(r), name])
+            elif r["bench"] == "make_demo":
+                stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages_s"].items())
+                what = f"`make demo` after install ({stages})"
+                rows.append([what, f"{r['total_s'] / 60:.1f} min", f"machine figure: {r['machine_figure']}", name])
+    return rows
+
+
+def gpu_rows() -> list[list[str]]:
+    rows = []
+    for path in sorted(RESULTS.glob("gpu_*.json")):
+        data = json.loads(path.read_text())
+        secs = data["sections"]
+        # a run limited with --only before env was always recorded: the card is in the file name
+        card = secs.get("env", {}).get("card") or path.stem.split("_")[1].replace("-", " ").upper()
+        for name, s in secs.items():
+            if not s.get("ok"):
+                continue
+            if name.startswith(("train_", "generate")):
+                extra = f", peak {s['peak_mem_gib']} GiB" if "peak_mem_gib" in s else ""
+                kind = "train" if name.startswith("train_") else "generate"
+                rows.append([f"{kind} {name.split('_', 1)[1] if kind == 'train' else name}, batch {s['batch']}",
+                             f"{s['images_per_s']} img/s{extra}", card, path.name])
+            elif name == "flops":
+                rows.append(["one training iteration, batch 64 (flop_counter)", f"{s['tflop_per_iter']} TFLOP", card, path.name])
+            elif name == "loader":
+                for k, v in s.items():
+                    if k.endswith("images_per_s"):
+                        rows.append([f"training stream 224 px, {k.split('_')[1]} workers", f"{v} img/s", f"{card} host, {s['cpus']} CPUs", path.name])
+    return rows
+
+
+def render() -> str:
+    head = "| what | result | measured with | file |\n|---|---|---|---|\n"
+    cpu = "".join(f"| {' | '.join(r)} |\n" for r in cpu_rows())
+    gpu = "".join(f"| {' | '.join(r)} |\n" for r in gpu_rows())
+    return f"{BEGIN}\nCPU (2-core machines like CI's):\n\n{head}{cpu}\nGPU:\n\n{head}{gpu}{END}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"README.md has no {BEGIN} ... {END} block", file=sys.stderr)
+        return 1
+    before, rest = text.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    new = before + render() + after
+    if args.check:
+        if new != text:
+            print("README.md speed tables differ from bench/results: run python bench/speed_table.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,11 +73,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None = None) -> Path:
-    """Write atomically, then prune old ones."""
+def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None = None, protect: Path | None = None) -> Path:
+    """Write atomically, then prune old ones (never ``protect``: the best checkpoint so far)."""
     path = atomic_save({"format_version": FORMAT_VERSION, "galip_version": __version__, **payload}, path)
     if keep:
-        for old in list_checkpoints(path.parent)[:-keep]:
+        for old in [p for p in list_checkpoints(path.parent) if p != protect][:-keep]:
             old.unlink(missing_ok=True)
     return path
 

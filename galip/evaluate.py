@@ -34,12 +34,26 @@ METRICS_FILE = "metrics.json"
 GRID_FILE = "samples.png"
 
 
+def best_checkpoint(cfg: Config) -> dict[str, Any] | None:
+    """The in-training evaluation's pick ({train.out_dir}/best.json), if it still exists on disk."""
+    path = Path(cfg.train.out_dir) / "best.json"
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text())
+    return best if Path(best["checkpoint"]).is_file() else None
+
+
 def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
+    """``--checkpoint``, else the best by the gate metric during training, else the latest."""
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"--checkpoint {path}: no such file")
         return path
+    best = best_checkpoint(cfg)
+    if best is not None:
+        log.info("evaluating the best checkpoint by %s: step %s (%.4g)", best["metric"], best["step"], best["value"])
+        return Path(best["checkpoint"])
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
     found = latest_checkpoint(ckpt_dir)
     if found is None:
@@ -103,9 +117,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, Any]:
 
 
 def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from .metrics import EvalContext, SampleBatch, build_metrics
+    from .metrics import EvalContext
     from .metrics.reference import ReferenceStats
     from .train import save_grid
 
@@ -124,23 +136,13 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
         load_eval_clip=partial(load_eval_clip, e),
         prompt_attrs=attrs,
     )
-    metrics = build_metrics(e.metrics, ctx)
-
     z = latents(e.n_samples, net_g.nz, e.seed)
-    mine = list(range(env.rank, e.n_samples, env.world_size))
-    for start in tqdm(range(0, len(mine), e.batch_size), desc="evaluate", disable=not env.is_main, dynamic_ncols=True):
-        idx = mine[start : start + e.batch_size]
-        batch_captions = [captions[i] for i in idx]
-        images = generate_batch(net_g, train_clip, batch_captions, z[idx].to(env.device))
-        batch = SampleBatch(images, batch_captions, torch.tensor(idx), [attrs[i] for i in idx] if attrs else None)
-        for metric in metrics.values():
-            metric.update(batch)
-
-    results: dict[str, Any] = {}
-    for metric in metrics.values():  # collective: every rank computes, in the same order
-        results.update(metric.compute())
+    results: dict[str, Any] = score(net_g, ctx, e.metrics, z, e.batch_size, progress=True)
+    best = best_checkpoint(cfg)
     results["protocol"] = {
         "checkpoint": str(path),
+        # why this checkpoint: the best by the gate metric during training, or the one asked for / the last
+        "selected_by": best if best is not None and Path(best["checkpoint"]) == path else ("--checkpoint" if checkpoint else "latest"),
         "step": step,
         "n_samples": e.n_samples,
         "resolution": resolution,
@@ -160,6 +162,60 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
         log.info("wrote %s", out_dir / METRICS_FILE)
     barrier(env)
     return results
+
+
+def score(net_g: NetG, ctx: Any, names: Sequence[str], z: torch.Tensor, batch_size: int, progress: bool = False) -> dict[str, float]:
+    """Generate one image per (ctx.prompts[i], z[i]) on this rank's share and reduce ``names`` metrics."""
+    from tqdm.auto import tqdm
+
+    from .metrics import SampleBatch, build_metrics
+
+    env, captions, attrs = ctx.env, ctx.prompts, ctx.prompt_attrs
+    metrics = build_metrics(names, ctx)
+    mine = list(range(env.rank, len(captions), env.world_size))
+    for start in tqdm(range(0, len(mine), batch_size), desc="evaluate", disable=not (progress and env.is_main), dynamic_ncols=True):
+        idx = mine[start : start + batch_size]
+        batch_captions = [captions[i] for i in idx]
+        images = generate_batch(net_g, ctx.train_clip, batch_captions, z[idx].to(env.device))
+        batch = SampleBatch(images, batch_captions, torch.tensor(idx), [attrs[i] for i in idx] if attrs else None)
+        for metric in metrics.values():
+            metric.update(batch)
+    results: dict[str, float] = {}
+    for metric in metrics.values():  # collective: every rank computes, in the same order
+        results.update(metric.compute())
+    return results
+
+
+class TrainingEvaluator:
+    """The small fixed evaluation that runs inside training (rank 0, every ``train.eval_every`` steps).
+
+    ``train.eval_metrics`` on ``train.eval_samples`` fixed prompts and latents (from ``eval.prompt_source``
+    and ``eval.seed``): the same images' prompts at every evaluation, so the curves in MLflow compare
+    checkpoints. The evaluation CLIP, reference statistics and scene decoder are built once.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, train_clip: FrozenCLIP, nz: int) -> None:
+        from .metrics import EvalContext, check_metric_names
+        from .metrics.reference import ReferenceStats
+
+        t = cfg.train
+        check_metric_names(t.eval_metrics)
+        small = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"n_samples": t.eval_samples, "ref_samples": t.eval_samples})})
+        env = DistEnv(device=device)  # rank 0 alone: no collectives while the other ranks wait
+        captions, attrs = eval_prompts(small)
+        eval_clip = load_eval_clip(cfg.eval).to(device)
+        self.names = t.eval_metrics
+        self.z = latents(t.eval_samples, nz, cfg.eval.seed)
+        self.batch_size = cfg.eval.batch_size
+        self.ctx = EvalContext(
+            cfg=small, env=env, train_clip=train_clip, prompts=captions, resolution=cfg.model.image_size,
+            reference_stats=ReferenceStats(small, env, cfg.model.image_size), load_eval_clip=lambda: eval_clip,
+            prompt_attrs=attrs,
+        )
+
+    def __call__(self, net_g: NetG) -> dict[str, float]:
+        self.ctx.protocol.clear()
+        return score(net_g, self.ctx, self.names, self.z, self.batch_size)
 
 
 # Errors caused by inputs (missing weights, shards, checkpoint; bad settings): the CLI prints them

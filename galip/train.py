@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +275,7 @@ class Trainer:
     def param_checksums(self) -> list[float]:
         return [p.detach().double().sum().item() for m in (self.net_g, self.net_d, self.net_c) for p in m.parameters()]
 
-    def save(self, ckpt_dir: Path) -> Path | None:
+    def save(self, ckpt_dir: Path, protect: Path | None = None) -> Path | None:
         # Collectives: every rank takes part. Replicas that drifted apart (a DDP bug, a rank that
         # skipped a step) would silently train different models; stop instead of checkpointing one.
         noise_states = self._gather(self.noise_gen.get_state())
@@ -300,7 +302,7 @@ class Trainer:
         }
         if self.origin:
             payload["origin"] = self.origin  # provenance of an imported model survives fine-tuning
-        path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints, protect=protect)
         return path
 
     def load(self, path: Path) -> None:
@@ -328,6 +330,39 @@ class Trainer:
                 log.warning("checkpoint was written by %d processes, now %d: noise streams are reseeded", len(states), self.env.world_size)
             self.noise_gen.manual_seed(segment_seed(self.cfg.train.seed, self.env.rank, ckpt["step"]))
         self.step = self._checked_at = int(ckpt["step"])
+
+
+class BestCheckpoint:
+    """The best checkpoint so far by the gate metric (``mlflow.gate_metric`` / ``gate_direction``),
+    kept in ``{out_dir}/best.json``: what evaluation and registration use instead of simply the last."""
+
+    FILE = "best.json"
+
+    def __init__(self, out_dir: Path, metric: str, direction: str, resume_step: int) -> None:
+        self.path, self.metric, self.direction = out_dir / self.FILE, metric, direction
+        self.state: dict[str, Any] | None = None
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+            # a record from past the resume point (a longer, abandoned run) is not this run's
+            if state.get("metric") == metric and int(state.get("step", 0)) <= resume_step:
+                self.state = state
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return Path(self.state["checkpoint"]) if self.state else None
+
+    def consider(self, step: int, checkpoint: Path, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        old = None if self.state is None else self.state["value"]
+        if old is not None and not (value > old if self.direction == "higher" else value < old):
+            return False
+        self.state = {"metric": self.metric, "direction": self.direction, "value": value, "step": step, "checkpoint": str(checkpoint)}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.path)
+        return True
 
 
 class TrainLog:
@@ -445,6 +480,13 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         cfg.data, trainer.clip.tokenizer, t.batch_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
         plan=StreamPlan(trainer.step, t.ckpt_every, t.grad_accum),
     )
+    evaluator, best, eval_log = None, None, None
+    if env.is_main and t.eval_every:
+        from .evaluate import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(cfg, env.device, trainer.clip, cfg.model.nz)
+        best = BestCheckpoint(out_dir, cfg.mlflow.gate_metric, cfg.mlflow.gate_direction, trainer.step)
+        eval_log = TrainLog(out_dir / "eval_log.csv", trainer.step)
     images_per_step = t.batch_size * t.grad_accum * env.world_size
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     t_log, step_log = time.perf_counter(), trainer.step
@@ -472,13 +514,22 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
             tracker.log_image(grid, step)
         if step % t.ckpt_every == 0 or last:
             trainer.check_finite()  # never checkpoint weights that a NaN went through
-            path = trainer.save(ckpt_dir)
+            path = trainer.save(ckpt_dir, protect=best.checkpoint if best else None)
             if path is not None:
                 _publish(cfg, path)
                 result["checkpoint"] = str(path)
+            if evaluator is not None and path is not None and (step % t.eval_every == 0 or last):
+                scores = evaluator(trainer.sampler)
+                eval_log.write({"step": step, **{k: round(v, 4) for k, v in scores.items()}})
+                tracker.log_metrics(scores, step)
+                if best.consider(step, path, scores):
+                    log.info("step %d: best %s so far (%.4g)", step, best.metric, scores[best.metric])
+                bar.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
             barrier(env)
     bar.close()
     result.update(step=trainer.step, losses=losses_now)
+    if best is not None and best.state:
+        result["best"] = best.state
     return result
 
 

@@ -57,6 +57,7 @@ def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
         "model.code_channels=8",
         "model.code_mid_channels=8",
         "model.mapper_blocks=1",
+        "train.eval_every=0",  # tests that evaluate during training turn it on
         *extra,
     ]
 

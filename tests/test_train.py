@@ -109,3 +109,30 @@ def test_checkpoints_upload_to_s3_and_a_fresh_machine_resumes_from_there(tmp_pat
     fresh = tiny_config(tmp_path / "c", shards, "train.max_steps=4", *remote)
     assert run(fresh, resume=True)["step"] == 4
     _assert_bitwise_equal(_state(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _state(tmp_path / "c/run/checkpoints/ckpt_00000004.pt"))
+
+
+def test_evaluation_during_training_keeps_and_picks_the_best_checkpoint(tmp_path, shards):
+    """train.eval_every: rank 0 scores the EMA generator at checkpoint steps (curves in eval_log.csv and
+    MLflow); best.json names the best checkpoint by the gate metric, pruning never deletes it, and
+    `galip evaluate` without --checkpoint evaluates it."""
+    import json
+
+    from galip.evaluate import resolve_checkpoint
+
+    cfg = tiny_config(
+        tmp_path, shards, "train.max_steps=6", "train.eval_every=2", "train.eval_samples=16",
+        "train.eval_metrics=[fd_clip, prompt_fidelity]", "train.keep_checkpoints=1",
+        "mlflow.gate_metric=fd_clip", "mlflow.gate_direction=lower",
+    )
+    result = run(cfg)
+    with open(tmp_path / "run/eval_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["fd_clip"]) >= 0 and 0 <= float(r["prompt_fidelity"]) <= 100 for r in rows)
+    best = json.loads((tmp_path / "run/best.json").read_text())
+    scores = {int(r["step"]): float(r["fd_clip"]) for r in rows}
+    assert best["step"] == min(scores, key=scores.get) and best["value"] == pytest.approx(scores[best["step"]], abs=1e-3)
+    assert result["best"]["step"] == best["step"]
+    kept = {p.name for p in list_checkpoints(tmp_path / "run/checkpoints")}
+    assert f"ckpt_{best['step']:08d}.pt" in kept and "ckpt_00000006.pt" in kept  # the best survives keep=1
+    assert resolve_checkpoint(cfg, None).name == f"ckpt_{best['step']:08d}.pt"

@@ -22,6 +22,7 @@ the prompt; ``prompt_fidelity_<attribute>`` the share for one attribute (over pr
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -161,14 +162,25 @@ def attribute_matches(decoded: dict[str, Any], wanted: Any) -> dict[str, bool | 
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def calibrated_decoder(resolution: int) -> tuple[SceneDecoder, dict[str, float]]:
+    """The decoder for ``resolution`` and its accuracy on fresh renders (cached: evaluation during
+    training builds the metric at every evaluation step)."""
+    decoder = SceneDecoder.calibrate(resolution)
+    return decoder, decoder.accuracy_on_renders(resolution)
+
+
 class PromptFidelity:
-    def __init__(self, ctx: EvalContext, decoder_factory: Callable[[int], SceneDecoder] = SceneDecoder.calibrate) -> None:
+    def __init__(self, ctx: EvalContext, decoder_factory: Callable[[int], SceneDecoder] | None = None) -> None:
         from ..demo_data import parse_caption
 
         self.ctx = ctx
         self.parse_caption = parse_caption
-        self.decoder = decoder_factory(ctx.resolution)
-        accuracy = self.decoder.accuracy_on_renders(ctx.resolution)
+        if decoder_factory is None:
+            self.decoder, accuracy = calibrated_decoder(ctx.resolution)
+        else:
+            self.decoder = decoder_factory(ctx.resolution)
+            accuracy = self.decoder.accuracy_on_renders(ctx.resolution)
         weak = {a: acc for a, acc in accuracy.items() if acc < MIN_DECODER_ACCURACY}
         if weak:
             raise RuntimeError(

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_generator
+from .checkpoint import latest_checkpoint, load_generator, readable_checkpoint
 from .clip import ClipWeightsError, FrozenCLIP, load_clip
 from .config import Config, ConfigError, EvalConfig
 from .distributed import DistEnv, barrier, cleanup, init_distributed
+from .errors import UserError
 from .generate import generate_images, latents
 from .models import NetG
 
@@ -39,12 +40,12 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"--checkpoint {path}: no such file")
-        return path
+        return readable_checkpoint(path)
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
     found = latest_checkpoint(ckpt_dir)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first, set train.out_dir, or pass --checkpoint PATH)")
-    return found
+    return readable_checkpoint(found)
 
 
 def load_eval_generator(path: Path, device: torch.device) -> tuple[NetG, FrozenCLIP, Config, int]:
@@ -166,7 +167,7 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
 
 # Errors caused by inputs (missing weights, shards, checkpoint; bad settings): the CLI prints them
 # without a traceback. InceptionWeightsError and ReferenceSetError are FileNotFoundErrors.
-USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError)
+USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError, UserError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .redact import redact
+
 log = logging.getLogger("galip.tracking")
 
 
@@ -51,7 +53,7 @@ class Tracker:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported, never fatal
             if not self._warned:
-                log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(exc).__name__, exc)
+                log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(exc).__name__, redact(str(exc)))
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:

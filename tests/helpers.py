@@ -35,9 +35,9 @@ def write_shards(
     return out_dir
 
 
-def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
-    """The demo profile shrunk to seconds: batch 4, tiny G/D, no DataLoader workers."""
-    overrides = [
+def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
+    """The demo profile shrunk to seconds (batch 4, tiny G/D, no DataLoader workers), as -S overrides."""
+    return [
         f"data.shards_dir={shards}",
         "data.workers=0",
         "data.shuffle_buffer=8",
@@ -54,4 +54,12 @@ def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
         "model.mapper_blocks=1",
         *extra,
     ]
-    return load_config("params.yaml", overrides, profile="demo")
+
+
+def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
+    return load_config("params.yaml", tiny_overrides(tmp, shards, *extra), profile="demo")
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """-S k=v pairs for the CLI."""
+    return [a for o in overrides for a in ("-S", o)]

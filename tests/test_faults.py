@@ -263,3 +263,27 @@ def test_python_dash_m_galip_prints_usage_errors_like_the_script(argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "galip", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Usage: galip" in out.stderr, out.stderr
+
+
+# --- 8: the served model's answers to bad requests -----------------------------------------------------------------
+BAD_REQUESTS = [  # (input columns, params, the reason in our message, the reason over HTTP if MLflow's schema check answers first)
+    ({"prompt": ["a red circle"]}, {"n": 0}, "param n=0: need at least 1", None),
+    ({"prompt": ["a red circle"]}, {"n": 100000}, "100000 images, more than the per-request limit=256", None),
+    ({"prompt": ["a red circle"] * 300}, {"n": 1}, "300 images, more than the per-request limit=256", None),
+    ({"prompt": [""]}, {}, "prompt 1 of 1 is empty or blank", None),
+    ({"prompt": ["a red circle", None]}, {}, "prompt 2 of 2 is missing (null)", None),
+    ({"text": ["a red circle"]}, {}, "input needs a string column 'prompt'", "Model is missing inputs ['prompt']"),
+    ({"prompt": ["a red circle"]}, {"n": 1.5}, "param n=1.5: need an integer", "Can not safely convert"),
+]
+
+
+@pytest.mark.parametrize("data, params, reason, _", BAD_REQUESTS)
+def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, reason, _):
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from galip.serving import GalipTextToImage
+
+    with pytest.raises(MlflowException) as err:
+        GalipTextToImage().predict(None, pd.DataFrame(data), params)  # refused before the model is touched
+    assert err.value.get_http_status_code() == 400 and reason in err.value.message

@@ -270,7 +270,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _no_credentials(self) -> "Config":
         # The resolved config is saved with every run, checkpoint and MLflow run: no secret may ride in it.
-        found = [key for key, value in _flatten(self.to_dict()).items() if isinstance(value, str) and has_credentials(value)]
+        found = [key for key, value in flatten(self.to_dict()).items() if has_credentials(str(value))]
         if found:
             raise ValueError(
                 f"{', '.join(found)} holds a password or token, and the config is saved with every run: "
@@ -286,15 +286,13 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr_g": 1}} -> {"train.lr_g": 1}; list items get their index."""
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr_g": 1}} -> {"train.lr_g": 1} (MLflow params, config comparisons)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        elif isinstance(v, list):
-            out.update(_flatten({str(i): x for i, x in enumerate(v)}, f"{key}."))
+            out.update(flatten(v, f"{key}."))
         else:
             out[key] = v
     return out
@@ -309,8 +307,8 @@ def resume_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], l
     """(model keys, train recipe keys) whose values differ between a checkpoint's config and ``current``,
     each as ``key=old -> new``."""
     def diff(section: str, keys: Sequence[str] | None) -> list[str]:
-        old = _flatten(saved.get(section, {}), f"{section}.")
-        new = _flatten(current.to_dict()[section], f"{section}.")
+        old = flatten(saved.get(section, {}), f"{section}.")
+        new = flatten(current.to_dict()[section], f"{section}.")
         names = sorted(old.keys() | new.keys()) if keys is None else [f"{section}.{k}" for k in keys]
         return [f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k)]
 

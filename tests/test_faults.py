@@ -287,3 +287,21 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
     with pytest.raises(MlflowException) as err:
         GalipTextToImage().predict(None, pd.DataFrame(data), params)  # refused before the model is touched
     assert err.value.get_http_status_code() == 400 and reason in err.value.message
+
+
+# --- 2: what redaction masks ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("MLflow run (http://galip:s3cret@mlflow:5000/#/runs/1)", "MLflow run (http://galip:***@mlflow:5000/#/runs/1)"),
+        ("postgresql+psycopg2://mlflow:pw@db:5432/mlflow", "postgresql+psycopg2://mlflow:***@db:5432/mlflow"),
+        ("http://user:p@ss@host/x", "http://user:***@host/x"),  # an unescaped @ in the password
+        ("https://ghp_token@github.com/org/repo", "https://***@github.com/org/repo"),
+        ("s3://b/k?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1", "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1"),
+        ("sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x", "sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x"),
+    ],
+)
+def test_redact_masks_credentials_in_uris(text, shown):
+    from galip.redact import redact
+
+    assert redact(text) == shown

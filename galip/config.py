@@ -360,6 +360,8 @@ def _format_errors(err: ValidationError) -> str:
             lines.append(f"  {key + ': ' if key else ''}{msg}")
         else:
             lines.append(f"  {key}: {msg} (got {redact(repr(e.get('input')))})")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0].strip()}"
     return "invalid configuration:\n" + "\n".join(lines)
 
 

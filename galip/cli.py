@@ -17,13 +17,25 @@ from .errors import UserError
 from .redact import RedactFilter
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (in-process callers may swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class GalipGroup(TyperGroup):
     """Every command, whether started as ``galip`` or ``python -m galip``: warnings as one line each with
     credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback."""
 
     def invoke(self, ctx):
         if not logging.getLogger().handlers:
-            handler = logging.StreamHandler()
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
             handler.addFilter(RedactFilter())
             logging.basicConfig(level=logging.WARNING, handlers=[handler])

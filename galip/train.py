@@ -518,7 +518,8 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     start = _resume_point(cfg, ckpt_dir, env)
     if start is not None and not resume:
         raise ExistingCheckpointsError(
-            f"{ckpt_dir} already holds checkpoints (latest {start.name}); pass --resume to continue, "
+            f"{ckpt_dir}{' or train.checkpoint_uri' if cfg.train.checkpoint_uri else ''} already holds checkpoints "
+            f"(latest {start.name}); pass --resume to continue, "
             "or set train.out_dir to a new folder"
         )
     if start is not None:

@@ -15,7 +15,9 @@ process, so the trainer logs its losses and sample grids into the same run.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
 import shlex
@@ -36,6 +38,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from galip.config import Config, ConfigError, load_config
+from galip.redact import RedactFilter, redact
 
 ROOT = Path.cwd()
 TELEMETRY_OFF = {
@@ -52,6 +55,31 @@ PROGRESS_EVERY_S = 15.0
 
 class StageFailed(RuntimeError):
     """A stage process exited non-zero; the message has its command and last log lines."""
+
+
+# Run logs, artifacts and state messages land in the Prefect server's database: credentials in a
+# tracking URI (http://user:password@host) are masked in all of them. Log records are filtered here;
+# stage output lines in stream_process; exception messages (a failed run's state) by redacted_errors.
+for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_run_logger).addFilter(RedactFilter())
+
+
+class RedactedError(RuntimeError):
+    """An exception whose message held a credential, raised again with it masked."""
+
+
+def redacted_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if redact(str(exc)) == str(exc):
+                raise
+            # from None: the original (with the secret) must not be printed as the cause either
+            raise RedactedError(f"{type(exc).__name__}: {redact(str(exc))}") from None
+
+    return wrapper
 
 
 class GalipTrainParams(BaseModel):
@@ -130,7 +158,7 @@ def stream_process(argv: list[str], env: dict[str, str], emit: Callable[[str], N
             buf += chunk
             *pieces, buf = re.split(rb"(\r|\n)", buf)
             for text, sep in zip(pieces[0::2], pieces[1::2]):
-                line = text.decode(errors="replace").rstrip()
+                line = redact(text.decode(errors="replace").rstrip())
                 if not line:
                     continue
                 now = time.monotonic()
@@ -140,7 +168,7 @@ def stream_process(argv: list[str], env: dict[str, str], emit: Callable[[str], N
                 emit(line)
                 tail = (tail + [line])[-30:]
         if buf.strip():
-            emit(buf.decode(errors="replace").rstrip())
+            emit(redact(buf.decode(errors="replace").rstrip()))
     finally:
         rc = proc.wait()
     if rc != 0:
@@ -170,6 +198,7 @@ def run_stage(name: str, params: GalipTrainParams, mlflow_run_id: str | None, tr
 # Tasks
 # ---------------------------------------------------------------------------------------------
 @task(name="preflight")
+@redacted_errors
 def preflight(params: GalipTrainParams) -> None:
     """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later."""
     from galip.preflight import missing_prerequisites
@@ -181,6 +210,7 @@ def preflight(params: GalipTrainParams) -> None:
 
 
 @task(name="download", retries=2, retry_delay_seconds=[10, 60], persist_result=True)
+@redacted_errors
 def download(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """img2dataset into shards; network-bound, so retried (img2dataset resumes finished shards)."""
     from galip.download import ensure_demo_source, output_paths
@@ -196,6 +226,7 @@ def download(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) ->
 
 
 @task(name="data-report")
+@redacted_errors
 def data_report(report: dict[str, Any], mlflow_run_id: str) -> str:
     """The data report as a Prefect markdown artifact and an MLflow artifact; the manifest hash as a param."""
     import mlflow
@@ -215,6 +246,7 @@ def data_report(report: dict[str, Any], mlflow_run_id: str) -> str:
 
 
 @task(name="train-clip", persist_result=True)
+@redacted_errors
 def train_clip(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> str:
     """Demo only: open_clip_train fits the tiny CLIP to the demo captions."""
     run_stage("clip", params, mlflow_run_id, tracking_uri)
@@ -222,6 +254,7 @@ def train_clip(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) 
 
 
 @task(name="train", persist_result=True)
+@redacted_errors
 def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> str:
     """torchrun -m galip.train; the trainer logs losses and sample grids to the MLflow run itself."""
     from galip.checkpoint import latest_checkpoint
@@ -240,6 +273,7 @@ def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> st
 
 
 @task(name="evaluate", persist_result=True)
+@redacted_errors
 def evaluate(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """galip evaluate; metrics go to MLflow and to a Prefect table artifact."""
     import mlflow
@@ -266,6 +300,7 @@ def evaluate(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) ->
 
 
 @task(name="register")
+@redacted_errors
 def register(params: GalipTrainParams, checkpoint: str, metrics: dict[str, float], mlflow_run_id: str) -> dict[str, Any]:
     """Log the pyfunc, register it (alias challenger) and apply the champion gate."""
     from dataclasses import asdict
@@ -303,7 +338,8 @@ def git_commit() -> tuple[str, bool]:
 
 
 def mlflow_links(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
-    """(URL of the run in the MLflow UI, how to open that UI)."""
+    """(URL of the run in the MLflow UI, how to open that UI); credentials masked (they are shown and stored)."""
+    tracking_uri = redact(tracking_uri)
     if tracking_uri.startswith("http"):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}", tracking_uri
     ui = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
@@ -318,6 +354,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @flow(name="galip-train", log_prints=True)
+@redacted_errors
 def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any]:
     """Download, [train the demo CLIP], train GALIP, evaluate, register and gate; one MLflow run for all of it."""
     import mlflow

@@ -5,9 +5,11 @@ Never pickled modules: everything loads with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,19 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import UserError
+
+log = logging.getLogger("galip.checkpoint")
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+# What an interrupted write leaves behind: save_checkpoint's temp file, storage.download's part file.
+_ORPHAN = re.compile(r"^\.ckpt_\d{8}\.pt\.(tmp|part)-\d+$")
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be used: truncated, corrupt, or of another format."""
 
 
 def checkpoint_path(ckpt_dir: str | Path, step: int) -> Path:
@@ -82,13 +94,37 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], keep: int | None 
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete torch zip whose every record matches its CRC-32.
+
+    torch.load notices a cut-off file but loads a flipped byte without complaint; the zip's own
+    checksums catch both, at the cost of reading the file once.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file (e.g. {path}/ckpt_00000600.pt)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (train first, or pass --checkpoint PATH)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt.get('format_version')} is not {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint {path} does not exist (train first, or pass --checkpoint PATH)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({exc}; {path.stat().st_size} bytes)") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (record {bad} fails its checksum)")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    path = Path(path)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same: not our checkpoint
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found} is not {FORMAT_VERSION} (not written by galip train?)")
     return ckpt
 
 
@@ -103,6 +139,59 @@ def training_clip(cfg):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return clip_from_config(cfg.model)
+def older_checkpoints(path: Path) -> list[Path]:
+    """Checkpoints in ``path``'s folder written before it, newest first."""
+    if not is_checkpoint_name(path.name):
+        return []
+    return [p for p in reversed(list_checkpoints(path.parent)) if p.name < path.name]
+
+
+def readable_checkpoint(path: str | Path) -> Path:
+    """``path`` if it verifies; when it is unreadable, the newest good checkpoint written before it in
+    the same folder, said in one warning line. Read-only: for generate and evaluate."""
+    path = Path(path)
+    try:
+        verify_checkpoint(path)
+        return path
+    except CheckpointError as first:
+        if not path.is_file():
+            raise
+        for older in older_checkpoints(path):
+            try:
+                verify_checkpoint(older)
+            except CheckpointError:
+                continue
+            log.warning("%s; using the previous good one, %s", first, older)
+            return older
+        raise
+
+
+def newest_good_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest verifiable checkpoint in ``ckpt_dir``; newer unreadable ones are renamed to
+    ``*.corrupt`` (kept for inspection, never picked again), each said in one warning line.
+    Only the process that owns the folder (the run lock) may call this."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            os.replace(path, aside)
+            log.warning("%s; moved aside to %s, falling back to the previous checkpoint", exc, aside.name)
+    return None
+
+
+def remove_orphans(ckpt_dir: str | Path) -> list[str]:
+    """Delete temp files of writes that a kill interrupted (owner of the folder only); their names."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    gone = sorted(p.name for p in d.iterdir() if _ORPHAN.match(p.name))
+    for name in gone:
+        (d / name).unlink(missing_ok=True)
+    if gone:
+        log.warning("removed %d temp file(s) of an interrupted checkpoint write in %s: %s", len(gone), d, ", ".join(gone))
+    return gone
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=None):
@@ -111,7 +200,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=No
     from .models import NetG
     from .precision import Precision
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(readable_checkpoint(path), verify=False)
     cfg = config_from_dict(ckpt["config"])
     device = torch.device(device)
     # Inference runs in the device's own precision (bf16 CLIP on GPUs, fp32 on CPU): see generate_images.

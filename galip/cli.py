@@ -3,17 +3,51 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+from typer.core import TyperGroup
 
 from .config import Config, ConfigError, load_config
+from .errors import UserError
+from .redact import RedactFilter
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (in-process callers may swap it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class GalipGroup(TyperGroup):
+    """Every command, whether started as ``galip`` or ``python -m galip``: warnings as one line each with
+    credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback."""
+
+    def invoke(self, ctx):
+        if not logging.getLogger().handlers:
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+            handler.addFilter(RedactFilter())
+            logging.basicConfig(level=logging.WARNING, handlers=[handler])
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=GalipGroup,
     help="GALIP text-to-image GAN pipeline: download data, train, evaluate, generate.",
     no_args_is_help=True,
     add_completion=False,
@@ -83,13 +117,20 @@ def train(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in train.out_dir")] = False,
+    allow_config_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-config-change",
+            help="resume although model.* or the optimiser/loss settings (learning rates, betas, batch size...) differ from the checkpoint's",
+        ),
+    ] = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip.train`)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .train import run
 
-    result = run(cfg, resume=resume)
+    result = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps(result))
 
@@ -127,16 +168,17 @@ def download(
 def generate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="training checkpoint (.pt)")],
     prompt: Annotated[list[str], typer.Option("--prompt", help="text prompt (repeatable: one grid row each)")],
-    n: Annotated[int, typer.Option("--n", min=1, help="images per prompt")] = 8,
+    n: Annotated[int, typer.Option("--n", help="images per prompt")] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     out: Annotated[Path, typer.Option("--out", help="PNG grid to write")] = Path("grid.png"),
     interpolate: Annotated[bool, typer.Option("--interpolate", help="walk the latent from --seed to --seed+1")] = False,
     device: Annotated[str, typer.Option("--device")] = "auto",
+    max_images: Annotated[int, typer.Option("--max-images", help="refuse grids of more images than this (memory)")] = 1024,
 ) -> None:
     """Write a PNG grid of generated images, one row per prompt."""
     from .generate import run
 
-    typer.echo(str(run(checkpoint, prompt, n=n, seed=seed, out=out, interpolate=interpolate, device=device)))
+    typer.echo(str(run(checkpoint, prompt, n=n, seed=seed, out=out, interpolate=interpolate, device=device, max_images=max_images)))
 
 
 @app.command()
@@ -249,18 +291,16 @@ def register(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI in-process (tests call ``main([...])``); returns the exit code."""
+    """Run the CLI in-process (tests and ``python -m galip`` call it); returns the exit code.
+
+    Standalone mode, as in the ``galip`` console script: usage errors print click's short usage
+    message (never a traceback) and every outcome ends in SystemExit, turned into the return value.
+    """
     try:
-        # click returns the exit code of typer.Exit instead of raising when standalone_mode is off.
-        rv = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except typer.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:  # usage errors: print like the console script would
-        exc.show()
-        return exc.exit_code
+        app(args=argv if argv is not None else sys.argv[1:], prog_name="galip", standalone_mode=True)
     except SystemExit as exc:
-        return int(exc.code or 0)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

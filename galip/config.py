@@ -17,14 +17,18 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
+from .redact import has_credentials, redact
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An invalid params.yaml or override; the message names the key and what was expected."""
 
 
 class _Section(BaseModel):
     # strict: "64" is not an int, 1.5 is not an int; ints are accepted where floats are expected.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: 1e999 is inf, which no setting means (and JSON would save as null).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -116,6 +120,11 @@ class TrainConfig(_Section):
     sample_every: int = Field(2000, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
     checkpoint_uri: str = Field("", description="optional s3:// prefix the checkpoints are uploaded to")
+    require_checkpoint_upload: bool = Field(
+        False, description="fail the run (after its local checkpoint) when its newest checkpoint did not reach checkpoint_uri"
+    )
+    storage_retries: int = Field(3, ge=0, description="retries of an object-store call before it counts as failed")
+    storage_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubled for each further one")
     sample_prompts: tuple[str, ...] = (
         "a photo of a red bird sitting on a branch",
         "a bowl of fruit on a wooden table",
@@ -141,6 +150,12 @@ class TrainConfig(_Section):
                 "evaluations pick the best checkpoint, so they run on checkpoint steps"
             )
         return self
+    @field_validator("sample_prompts")
+    @classmethod
+    def _prompts_not_blank(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or not all(p.strip() for p in v):
+            raise ValueError("need at least one prompt, and no empty or blank ones")
+        return v
 
 
 class EvalConfig(_Section):
@@ -273,11 +288,52 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     flow: FlowConfig = FlowConfig()
 
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "Config":
+        # The resolved config is saved with every run, checkpoint and MLflow run: no secret may ride in it.
+        found = [key for key, value in flatten(self.to_dict()).items() if has_credentials(str(value))]
+        if found:
+            raise ValueError(
+                f"{', '.join(found)} holds a password or token, and the config is saved with every run: "
+                "give credentials through the environment (MLFLOW_TRACKING_URI or MLFLOW_TRACKING_USERNAME/"
+                "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr_g": 1}} -> {"train.lr_g": 1} (MLflow params, config comparisons)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+# Keys a resume may not change silently. model.*: the weights were shaped (and trained) by them.
+# These train.* keys: the optimiser and the loss the saved state belongs to.
+RECIPE_KEYS = ("lr_g", "lr_d", "beta1", "beta2", "sim_w", "magp_k", "magp_p", "batch_size", "grad_accum", "precision", "seed")
+
+
+def resume_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:
+    """(model keys, train recipe keys) whose values differ between a checkpoint's config and ``current``,
+    each as ``key=old -> new``."""
+    def diff(section: str, keys: Sequence[str] | None) -> list[str]:
+        old = flatten(saved.get(section, {}), f"{section}.")
+        new = flatten(current.to_dict()[section], f"{section}.")
+        names = sorted(old.keys() | new.keys()) if keys is None else [f"{section}.{k}" for k in keys]
+        return [f"{k}={old.get(k)!r} -> {new.get(k)!r}" for k in names if old.get(k) != new.get(k)]
+
+    return diff("model", None), diff("train", RECIPE_KEYS)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -318,10 +374,15 @@ def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for valid keys)")
+        elif isinstance(e.get("input"), dict):  # a check across keys: the message names them
+            lines.append(f"  {key + ': ' if key else ''}{msg}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {msg} (got {redact(repr(e.get('input')))})")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0].strip()}"
     return "invalid configuration:\n" + "\n".join(lines)
 
 

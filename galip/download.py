@@ -31,11 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, DataConfig
+from .errors import UserError
 
 log = logging.getLogger("galip.download")
 
 PART_ROWS = 1_000_000  # rows per parquet part: bounds memory in img2dataset's reader
 MAX_REPORTED_LINES = 100
+
+
+class UrlListError(UserError):
+    """``data.url_list`` is missing, not a file, not UTF-8, or holds no usable row."""
 
 
 @dataclass
@@ -52,10 +57,19 @@ class ListStats:
 
 # --- (1) the URL list -------------------------------------------------------------------------------
 def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[int, str, str]]:
-    """url<TAB>caption rows, no header, no quoting: every other shape is malformed and counted."""
-    with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
+    """url<TAB>caption rows, no header, no quoting: every other shape is malformed and counted.
+
+    Lines are decoded one by one, strictly: a byte that is not UTF-8 stops the conversion naming its
+    line, where a lenient decoder would silently turn captions into U+FFFD."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise UrlListError(
+                    f"data.url_list={path}: line {line_no} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                    "re-encode the list as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+                ) from None
             if not line:
                 continue
             fields = line.split("\t")
@@ -68,10 +82,15 @@ def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[int, str, str]]:
 def _parquet_rows(path: Path, url_col: str, caption_col: str, stats: ListStats) -> Iterator[tuple[int, str, str]]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as exc:
+        raise UrlListError(f"data.url_list={path} is not a readable parquet file ({exc})") from None
     missing = {url_col, caption_col} - set(pf.schema_arrow.names)
     if missing:
-        raise ValueError(f"{path}: columns {sorted(missing)} not found (data.url_col / data.caption_col; has {pf.schema_arrow.names})")
+        raise UrlListError(f"{path}: columns {sorted(missing)} not found (data.url_col / data.caption_col; has {pf.schema_arrow.names})")
     line_no = 0
     for batch in pf.iter_batches(batch_size=65_536, columns=[url_col, caption_col]):
         for url, caption in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
@@ -119,9 +138,7 @@ def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refuse
     """
     from .demo_data import REFUSED_PREFIX
 
-    src = Path(data.url_list)
-    if not src.exists():
-        raise FileNotFoundError(f"data.url_list={src} does not exist (CC12M: download cc12m.tsv yourself and put it there)")
+    src = check_url_list(data)
     stats = ListStats()
     if src.suffix == ".parquet":
         rows = _parquet_rows(src, data.url_col, data.caption_col, stats)
@@ -144,7 +161,22 @@ def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refuse
             yield url, caption
 
     _write_parts(resolve(rows), out_dir)
+    if stats.rows == 0:
+        raise UrlListError(
+            f"data.url_list={src} holds no usable row ({stats.malformed} malformed"
+            f"{', lines ' + ', '.join(map(str, stats.malformed_lines[:10])) if stats.malformed_lines else ''}); "
+            "expected url<TAB>caption lines (or a parquet file with data.url_col/data.caption_col)"
+        )
     return stats
+
+
+def check_url_list(data: DataConfig) -> Path:
+    src = Path(data.url_list)
+    if not src.exists():
+        raise UrlListError(f"data.url_list={src} does not exist (CC12M: download cc12m.tsv yourself and put it there)")
+    if not src.is_file():
+        raise UrlListError(f"data.url_list={src} is a folder; point data.url_list at the list file (TSV or parquet)")
+    return src
 
 
 # --- the demo's local HTTP source ------------------------------------------------------------------------
@@ -342,7 +374,7 @@ FINGERPRINT_KEYS = ("url_col", "caption_col", "image_size", "resize_mode", "enco
 FINGERPRINT_FILE = "download_params.yaml"  # not *.json: img2dataset reads every *.json there as shard stats
 
 
-class StaleShardsError(RuntimeError):
+class StaleShardsError(UserError, RuntimeError):
     """``data.shards_dir`` holds shards made from another list or with other settings."""
 
 
@@ -380,6 +412,7 @@ def run(cfg: Config) -> dict[str, Any]:
             root = ensure_demo_source(data)
             base_url = stack.enter_context(serve_directory(root))
             refused = _closed_port_url()
+        check_url_list(data)
         check_fingerprint(data)
         # The converted list holds this run's server address (demo): a scratch copy, removed after.
         stack.callback(shutil.rmtree, paths["list_dir"], ignore_errors=True)

@@ -21,10 +21,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_generator
+from .checkpoint import latest_checkpoint, load_generator, readable_checkpoint
 from .clip import ClipWeightsError, FrozenCLIP, load_clip
 from .config import Config, ConfigError, EvalConfig
 from .distributed import DistEnv, barrier, cleanup, init_distributed
+from .errors import UserError
 from .generate import generate_images, latents, render
 from .models import NetG
 
@@ -49,16 +50,16 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"--checkpoint {path}: no such file")
-        return path
+        return readable_checkpoint(path)
     best = best_checkpoint(cfg)
     if best is not None:
         log.info("evaluating the best checkpoint by %s: step %s (%.4g)", best["metric"], best["step"], best["value"])
-        return Path(best["checkpoint"])
+        return readable_checkpoint(Path(best["checkpoint"]))
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
     found = latest_checkpoint(ckpt_dir)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first, set train.out_dir, or pass --checkpoint PATH)")
-    return found
+    return readable_checkpoint(found)
 
 
 def load_eval_generator(path: Path, device: torch.device) -> tuple[NetG, FrozenCLIP, Config, int]:
@@ -220,7 +221,7 @@ class TrainingEvaluator:
 
 # Errors caused by inputs (missing weights, shards, checkpoint; bad settings): the CLI prints them
 # without a traceback. InceptionWeightsError and ReferenceSetError are FileNotFoundErrors.
-USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError)
+USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError, UserError)
 
 
 def main(argv: list[str] | None = None) -> int:

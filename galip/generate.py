@@ -9,8 +9,27 @@ import torch
 
 from .checkpoint import load_generator
 from .clip import FrozenCLIP
+from .errors import UserError
 from .models import NetG
 from .precision import Precision
+
+
+def check_request(prompts: Sequence[str], n: int, max_images: int, n_name: str = "--n", max_name: str = "--max-images") -> None:
+    """Refuse before any work: no prompt, an empty or blank prompt, n < 1, or more images than ``max_images``."""
+    if not prompts:
+        raise UserError("give at least one prompt (--prompt TEXT)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise UserError(f"prompt {i + 1} of {len(prompts)} is {'missing (null)' if p is None or p != p else type(p).__name__}: every prompt needs text")
+        if not p.strip():
+            raise UserError(f"prompt {i + 1} of {len(prompts)} is empty or blank: every prompt needs text")
+    if n < 1:
+        raise UserError(f"{n_name}={n}: need at least 1 image per prompt")
+    if n * len(prompts) > max_images:
+        raise UserError(
+            f"{n_name}={n} x {len(prompts)} prompt(s) = {n * len(prompts)} images, more than {max_name}={max_images} "
+            "(every image is held in memory until the grid is written): lower it, or raise the limit deliberately"
+        )
 
 
 def latents(n: int, nz: int, seed: int, interpolate: bool = False) -> torch.Tensor:
@@ -74,11 +93,11 @@ def run(
     interpolate: bool = False,
     device: str = "auto",
     batch_size: int = 64,
+    max_images: int = 1024,
 ) -> Path:
     from torchvision.utils import save_image
 
-    if not prompts:
-        raise ValueError("give at least one --prompt")
+    check_request(prompts, n, max_images)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     net_g, clip, _ = load_generator(checkpoint, dev)
     images = generate_images(net_g, clip, prompts, n, seed, interpolate, batch_size)

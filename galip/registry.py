@@ -44,7 +44,11 @@ class GateDecision:
 
 
 def tracking_uri(cfg: Config) -> str:
-    """``MLFLOW_TRACKING_URI`` (production server) or ``mlflow.tracking_uri`` (embedded SQLite)."""
+    """``MLFLOW_TRACKING_URI`` (production server) or ``mlflow.tracking_uri`` (embedded SQLite).
+
+    MLflow prints "View run ... at: <tracking URI>/..." to stdout when a run ends, password included
+    when the URI holds one: that printing is switched off here, for every caller that gets the URI."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from .errors import UserError
+
 PROMPT_COLUMN = "prompt"
 DEFAULT_PARAMS: dict[str, int] = {"seed": 0, "n": 1}
 MAX_IMAGES_PER_REQUEST = 256
@@ -79,15 +81,19 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         return load_clip(reference["clip_model"], weights, model.feature_blocks, model.prompt_blocks, model.pixel_norm)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """Images for the prompts; a bad request raises MlflowException(INVALID_PARAMETER_VALUE), which
+        the scoring server answers with HTTP 400 and the reason."""
         import pandas as pd
 
         from .generate import generate_images
 
-        prompts = self._prompts(model_input)
-        p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
-        n, seed = int(p["n"]), int(p["seed"])
-        if n < 1 or n * len(prompts) > MAX_IMAGES_PER_REQUEST:
-            raise ValueError(f"n={n} for {len(prompts)} prompts: need 1 <= n and n * prompts <= {MAX_IMAGES_PER_REQUEST}")
+        try:
+            prompts, n, seed = self._request(model_input, params)
+        except (UserError, ValueError, TypeError) as exc:
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         images = generate_images(self.net_g, self.clip, prompts, n=n, seed=seed)
         rows = [
             {"prompt": prompt, "index": j, "image": png_base64(images[i * n + j])}
@@ -96,20 +102,33 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         ]
         return pd.DataFrame(rows, columns=["prompt", "index", "image"])
 
+    @classmethod
+    def _request(cls, model_input, params: dict[str, Any] | None) -> tuple[list[str], int, int]:
+        """(prompts, n, seed), checked like `galip generate` checks its options."""
+        from .generate import check_request
+
+        prompts = cls._prompts(model_input)
+        p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        values = {}
+        for key in ("n", "seed"):
+            if isinstance(p[key], bool) or not isinstance(p[key], (int, float)) or int(p[key]) != p[key]:
+                raise UserError(f"param {key}={p[key]!r}: need an integer")
+            values[key] = int(p[key])
+        check_request(prompts, values["n"], MAX_IMAGES_PER_REQUEST, n_name="param n", max_name="the per-request limit")
+        return prompts, values["n"], values["seed"]
+
     @staticmethod
     def _prompts(model_input) -> list[str]:
         import pandas as pd
 
         if isinstance(model_input, pd.DataFrame):
             if PROMPT_COLUMN not in model_input.columns:
-                raise ValueError(f"input needs a string column {PROMPT_COLUMN!r} (got {list(model_input.columns)})")
+                raise UserError(f"input needs a string column {PROMPT_COLUMN!r} (got columns {list(model_input.columns)})")
             prompts = model_input[PROMPT_COLUMN].tolist()
         elif isinstance(model_input, (list, tuple)):
             prompts = list(model_input)
         else:
             prompts = [str(model_input)]
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError("every prompt must be a non-empty string")
         return prompts
 
 

@@ -13,18 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import flatten
+from .redact import redact
+
 log = logging.getLogger("galip.tracking")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
 
 
 class Tracker:
@@ -51,7 +43,7 @@ class Tracker:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - reported, never fatal
             if not self._warned:
-                log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(exc).__name__, exc)
+                log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(exc).__name__, redact(str(exc)))
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -59,7 +51,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             self._guard("log_params", self._client.log_batch, self.run_id, params=flat[i : i + 100])
 

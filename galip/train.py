@@ -30,17 +30,21 @@ from .checkpoint import (
     capture_rng,
     checkpoint_path,
     is_checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
+    newest_good_checkpoint,
+    remove_orphans,
     restore_rng,
     save_checkpoint,
 )
 from .clip import FrozenCLIP, clip_from_config
-from .config import Config
+from .config import Config, resume_changes
 from .data import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
+from .errors import UserError
 from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
+from .redact import redact
+from .runlock import run_lock
 from .tracking import Tracker
 
 log = logging.getLogger("galip.train")
@@ -48,6 +52,14 @@ log = logging.getLogger("galip.train")
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf; no checkpoint is written after it."""
+
+
+class ConfigChangeError(UserError):
+    """A resume whose configuration differs from the checkpoint's where it matters."""
+
+
+class ExistingCheckpointsError(UserError, FileExistsError):
+    """A run without --resume into a folder (or store) that already holds checkpoints."""
 
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "d_mis", "magp", "clip_sim")
@@ -305,17 +317,41 @@ class Trainer:
         path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints, protect=protect)
         return path
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, allow_config_change: bool = False) -> None:
         ckpt = load_checkpoint(path, map_location=self.env.device)
-        self.net_g.load_state_dict(ckpt["netG"])
+        model_changes, recipe_changes = resume_changes(ckpt["config"], self.cfg)
+        changes = model_changes + recipe_changes
+        if changes and not allow_config_change:
+            raise ConfigChangeError(
+                f"resume from {path.name}: the configuration differs from the checkpoint's ({'; '.join(changes)}); "
+                "restore those values, set train.out_dir to a new folder, or pass --allow-config-change to continue with the new ones"
+            )
+        if changes:
+            log.warning("resume from %s with a changed configuration (--allow-config-change): %s", path.name, "; ".join(changes))
+        try:
+            self.net_g.load_state_dict(ckpt["netG"])
+            for key, net in (("netD", self.net_d), ("netC", self.net_c)):
+                if key in ckpt:
+                    net.load_state_dict(ckpt[key])
+        except RuntimeError as exc:
+            raise ConfigChangeError(
+                f"resume from {path.name}: its weights do not fit the networks of this configuration ({'; '.join(model_changes)}): "
+                f"{str(exc).splitlines()[0]}; restore those model.* values or set train.out_dir to a new folder"
+            ) from None
         # An imported checkpoint (galip import-reference) may hold only G: the rest starts fresh.
-        parts = {"netD": self.net_d, "netC": self.net_c, "optG": self.opt_g, "optD": self.opt_d, "scalerG": self.scaler_g, "scalerD": self.scaler_d}
-        fresh = [key for key in parts if key not in ckpt]
+        parts = {"optG": self.opt_g, "optD": self.opt_d, "scalerG": self.scaler_g, "scalerD": self.scaler_d}
         for key, target in parts.items():
             if key in ckpt:
                 target.load_state_dict(ckpt[key])
+        fresh = [key for key in ("netD", "netC", *parts) if key not in ckpt]
         if fresh:
             log.warning("%s holds no %s: those start fresh", path.name, ", ".join(fresh))
+        # The optimiser state restores the saved learning rates and betas; the configuration in force wins
+        # (the same values unless --allow-config-change let them differ).
+        t = self.cfg.train
+        for opt, lr in ((self.opt_g, t.lr_g), (self.opt_d, t.lr_d)):
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
         if self.ema is not None:
             # A checkpoint from a run without EMA (or an import) starts the average from its weights.
             self.ema.model.load_state_dict(ckpt.get("netG_ema", ckpt["netG"]))
@@ -403,18 +439,33 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
     return path
 
 
+def _retry(cfg: Config) -> storage.Retry:
+    return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s)
+
+
 def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
     """Rank 0 picks the newest checkpoint, local or in ``train.checkpoint_uri``; every rank resumes from it.
 
-    A rank whose machine lacks the file (another node, a fresh pod) fetches it from the object store.
+    A local checkpoint that fails verification is moved aside for the one before it. When the store
+    does not answer (after ``train.storage_retries``) the local checkpoints decide, said in one line;
+    with none local the run stops, as it cannot tell what it would start over. A rank whose machine
+    lacks the chosen file fetches it from the object store.
     """
     uri, endpoint = cfg.train.checkpoint_uri, cfg.data.s3_endpoint_url
     choice = [""]
     if env.is_main:
-        local = latest_checkpoint(ckpt_dir)
+        local = newest_good_checkpoint(ckpt_dir)
         names = [local.name] if local else []
         if uri:
-            names += [n for n in storage.list_names(uri, endpoint) if is_checkpoint_name(n)]
+            try:
+                names += [n for n in storage.list_names(uri, endpoint, _retry(cfg)) if is_checkpoint_name(n)]
+            except storage.StorageError as exc:
+                if local is None:
+                    raise storage.StorageError(
+                        f"{exc}. {ckpt_dir} holds no checkpoint, so the store decides where this run starts: "
+                        "retry when it answers, or set train.checkpoint_uri to '' or a new prefix to start from step 0"
+                    ) from None
+                log.warning("%s; going on from the local %s (the store may hold newer checkpoints)", exc, local.name)
         choice = [max(names, default="")]
     if env.distributed:
         dist.broadcast_object_list(choice, src=0)
@@ -422,50 +473,91 @@ def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
         return None
     path = ckpt_dir / choice[0]
     if not path.exists():
-        storage.download(f"{uri.rstrip('/')}/{choice[0]}", path, endpoint)
-        log.info("fetched %s from %s", choice[0], uri)
+        storage.download(f"{uri.rstrip('/')}/{choice[0]}", path, endpoint, _retry(cfg))
+        log.info("fetched %s from %s", choice[0], redact(uri))
     barrier(env)
     return path
 
 
-def _publish(cfg: Config, path: Path) -> None:
-    """Upload a checkpoint after its atomic local write; a failed upload is loud but not fatal."""
+@dataclass
+class Uploads:
+    """Checkpoint uploads to ``train.checkpoint_uri`` this run (rank 0)."""
+
+    ok: int = 0
+    failed: int = 0
+    newest: str = ""  # the newest checkpoint written
+    newest_stored: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "failed": self.failed, "newest_in_store": self.newest_stored}
+
+
+def _publish(cfg: Config, path: Path, uploads: Uploads) -> None:
+    """Upload a checkpoint after its atomic local write; a failed upload is counted and said in one line,
+    and training goes on (the local copy exists)."""
     if not cfg.train.checkpoint_uri:
         return
     uri = f"{cfg.train.checkpoint_uri.rstrip('/')}/{path.name}"
+    uploads.newest = path.name
     try:
-        storage.upload(path, uri, cfg.data.s3_endpoint_url)
+        storage.upload(path, uri, cfg.data.s3_endpoint_url, _retry(cfg))
     except Exception as exc:  # noqa: BLE001 - the local checkpoint still exists; training goes on
-        log.error("upload of %s to %s failed (%s: %s); resume will use the local copy", path.name, uri, type(exc).__name__, exc)
+        uploads.failed += 1
+        uploads.newest_stored = False
+        reason = exc if isinstance(exc, storage.StorageError) else f"upload to {redact(uri)} failed ({type(exc).__name__}: {redact(str(exc))})"
+        log.error("%s; %s stays local only (%d failed upload(s) so far)", reason, path.name, uploads.failed)
+        return
+    uploads.ok += 1
+    uploads.newest_stored = True
 
 
-def run(cfg: Config, resume: bool = False, max_steps: int | None = None, clip: FrozenCLIP | None = None) -> dict[str, Any]:
+def _report_uploads(cfg: Config, uploads: Uploads, ckpt_dir: Path, tracker: Tracker, step: int) -> None:
+    """End of run: the upload count in MLflow; a clear warning (or, by config, an error) when the newest
+    checkpoint never reached the store."""
+    tracker.log_metrics({"checkpoint_uploads_failed": uploads.failed, "checkpoint_uploads_ok": uploads.ok}, step)
+    if not uploads.newest or uploads.newest_stored:
+        return
+    message = (
+        f"the newest checkpoint {uploads.newest} did not reach train.checkpoint_uri={redact(cfg.train.checkpoint_uri)} "
+        f"({uploads.failed} of {uploads.ok + uploads.failed} uploads failed this run); it exists only in {ckpt_dir}"
+    )
+    if cfg.train.require_checkpoint_upload:
+        raise storage.StorageError(f"{message} (train.require_checkpoint_upload)")
+    log.warning("%s", message)
+
+
+def run(
+    cfg: Config, resume: bool = False, max_steps: int | None = None, clip: FrozenCLIP | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Train until ``train.max_steps`` (or ``max_steps``); returns the final step, checkpoint and losses."""
     env = init_distributed(cfg.train.device)
     try:
-        return _run(cfg, env, resume, max_steps or cfg.train.max_steps, clip)
+        # One writer per out_dir: rank 0 holds the lock for the run's life (checked before any work).
+        with run_lock(cfg.train.out_dir, enabled=env.is_main):
+            return _run(cfg, env, resume, max_steps or cfg.train.max_steps, clip, allow_config_change)
     finally:
         cleanup(env)
 
 
-def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCLIP | None) -> dict[str, Any]:
+def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCLIP | None, allow_config_change: bool = False) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.train.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(ckpt_dir)  # temp files of a write a kill interrupted (we hold the lock)
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
     tracker = Tracker(enabled=env.is_main)
     trainer = Trainer.create(cfg, env, clip)
     start = _resume_point(cfg, ckpt_dir, env)
     if start is not None and not resume:
-        raise FileExistsError(
-            f"{ckpt_dir} already holds checkpoints (latest {start.name}); pass --resume to continue, "
+        raise ExistingCheckpointsError(
+            f"{ckpt_dir}{' or train.checkpoint_uri' if cfg.train.checkpoint_uri else ''} already holds checkpoints "
+            f"(latest {start.name}); pass --resume to continue, "
             "or set train.out_dir to a new folder"
         )
     if start is not None:
-        trainer.load(start)
+        trainer.load(start, allow_config_change)
         log.info("resumed from %s (step %d)", start, trainer.step)
     if trainer.step == 0:
         tracker.log_params({**cfg.to_dict(), "world_size": env.world_size})
@@ -489,8 +581,13 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         eval_log = TrainLog(out_dir / "eval_log.csv", trainer.step)
     images_per_step = t.batch_size * t.grad_accum * env.world_size
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
+    if env.is_main and trainer.step == 0:
+        # MLflow's image cards open at step 0: show the untrained generator there, not an empty card.
+        grid = save_grid(trainer.sample(list(t.sample_prompts)), out_dir / "samples" / f"step_{0:08d}.png", nrow=4)
+        tracker.log_image(grid, 0)
     t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
+    uploads = Uploads()
     while trainer.step < max_steps:
         trainer.train_step([next(stream) for _ in range(t.grad_accum)])
         step = trainer.step
@@ -516,7 +613,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
             trainer.check_finite()  # never checkpoint weights that a NaN went through
             path = trainer.save(ckpt_dir, protect=best.checkpoint if best else None)
             if path is not None:
-                _publish(cfg, path)
+                _publish(cfg, path, uploads)
                 result["checkpoint"] = str(path)
             if evaluator is not None and path is not None and (step % t.eval_every == 0 or last):
                 scores = evaluator(trainer.sampler)
@@ -530,6 +627,9 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     result.update(step=trainer.step, losses=losses_now)
     if best is not None and best.state:
         result["best"] = best.state
+    if env.is_main and cfg.train.checkpoint_uri:
+        result["checkpoint_uploads"] = uploads.as_dict()
+        _report_uploads(cfg, uploads, ckpt_dir, tracker, trainer.step)
     return result
 
 

@@ -49,7 +49,9 @@ def main(argv: list[str]) -> int:
         lines.append(f"  model           {name} v{latest.version} (aliases: {tagged})")
         lines.append(f"  gate            {latest.tags.get('gate_decision', '')}")
         lines.append(f"  serve it        MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001")
-    print("\n".join(lines))
+    from galip.redact import redact
+
+    print(redact("\n".join(lines)))  # a tracking URI from the environment may hold a password
     return 0
 
 

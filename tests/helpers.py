@@ -35,13 +35,8 @@ def write_shards(
     return out_dir
 
 
-def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
-    """The demo profile shrunk to seconds: batch 4, tiny G/D, no DataLoader workers."""
-    return load_config("params.yaml", tiny_overrides(tmp, shards, *extra), profile="demo")
-
-
 def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
-    """tiny_config's -S overrides of the demo profile, for command-line tests."""
+    """The demo profile shrunk to seconds (batch 4, tiny G/D, no DataLoader workers), as -S overrides."""
     return [
         f"data.shards_dir={shards}",
         "data.workers=0",
@@ -78,3 +73,10 @@ def assert_bitwise_equal(a, b, where=""):
             assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
+    return load_config("params.yaml", tiny_overrides(tmp, shards, *extra), profile="demo")
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """-S k=v pairs for the CLI."""
+    return [a for o in overrides for a in ("-S", o)]

@@ -35,11 +35,17 @@ def test_dvc_style_overrides():
         ("model.image_size=-3", "model.image_size"),
         ("nonsense=1", "nonsense: unknown key"),
         ("data.crop_size=999", "data.crop_size"),
+        ("train.lr_g=1e999", "train.lr_g: Input should be a finite number"),
+        ("train.lr_d=.nan", "train.lr_d: Input should be a finite number"),
+        ("train.sample_prompts=['a cat', '  ']", "train.sample_prompts: need at least one prompt, and no empty or blank ones"),
+        ("mlflow.tracking_uri=http://galip:hunter2@mlflow:5000", "mlflow.tracking_uri holds a password or token"),
+        ("train.checkpoint_uri=s3://b/x?X-Amz-Signature=hunter2", "train.checkpoint_uri holds a password or token"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_key(override, needle):
-    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+    with pytest.raises(ConfigError) as err:
         load_config("params.yaml", [override])
+    assert needle in str(err.value) and "hunter2" not in str(err.value)
 
 
 def test_unknown_profile_and_malformed_override():

@@ -11,6 +11,7 @@ import pytest
 from galip.config import load_config
 from galip.download import (
     StaleShardsError,
+    UrlListError,
     failure_reason,
     incomplete_shards,
     prepare_url_list,
@@ -168,7 +169,7 @@ def test_headerless_tsv_keeps_every_good_row(tmp_path):
 
 def test_missing_list_names_the_key(tmp_path):
     cfg = load_config("params.yaml", [f"data.url_list={tmp_path / 'nope.tsv'}"], profile="cc12m")
-    with pytest.raises(FileNotFoundError, match="data.url_list"):
+    with pytest.raises(UrlListError, match="data.url_list"):
         prepare_url_list(cfg.data, tmp_path / "parts")
 
 

@@ -16,7 +16,23 @@ from conftest import (
     wait_until,
 )
 
+from test_faults import BAD_REQUESTS
+
 pytestmark = pytest.mark.slow
+
+
+def _post_error(port: int, data: dict, params: dict) -> tuple[int, str]:
+    """(HTTP status, error message) of a request the server must refuse."""
+    import urllib.error
+
+    columns = list(data)
+    body = {"dataframe_split": {"columns": columns, "data": [list(r) for r in zip(*data.values())]}, "params": params}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()).get("message", "")
 
 
 def test_served_champion_answers_a_prompt_with_an_image(mlflow_server, tiny_checkpoint, tmp_path, monkeypatch):
@@ -46,8 +62,11 @@ def test_served_champion_answers_a_prompt_with_an_image(mlflow_server, tiny_chec
         )
         with urllib.request.urlopen(req, timeout=120) as resp:
             rows = json.loads(resp.read())["predictions"]
+        refusals = [_post_error(port, data, params) for data, params, _, _ in BAD_REQUESTS]
     finally:
         stop_process(proc)
+    for (status, message), (data, params, reason, http_reason) in zip(refusals, BAD_REQUESTS):
+        assert status == 400 and (http_reason or reason) in message, (data, params, status, message)
     assert [r["index"] for r in rows] == [0, 1] and all(r["prompt"] == "a red circle on the left" for r in rows)
     images = [decode_png(r["image"]) for r in rows]
     assert all(img.size == (64, 64) for img in images)

@@ -87,9 +87,9 @@ def test_generate_cli_writes_grid_and_interpolation(tmp_path, shards):
     assert rc == 0 and (tmp_path / "walk.png").stat().st_size > 0
 
 
-def test_generate_names_a_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])
+def test_generate_names_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"]) == 2
+    assert "nope.pt does not exist" in capsys.readouterr().err
 
 
 def test_checkpoints_upload_to_s3_and_a_fresh_machine_resumes_from_there(tmp_path, shards, s3_bucket):

@@ -46,7 +46,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, shards):
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(r["data_skipped"] == "0" for r in rows)  # the loader's skip counts reach the log
-    assert sorted(p.name for p in (tmp_path / "b/run/samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    assert sorted(p.name for p in (tmp_path / "b/run/samples").iterdir()) == ["step_00000000.png", "step_00000002.png", "step_00000004.png"]
 
 
 def test_refuses_to_start_over_existing_checkpoints(tmp_path, shards):

@@ -11,17 +11,34 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 log = logging.getLogger("galip.tracking")
 
+# Config sections each stage reads. A run logs these as MLflow params (its full resolved config is an
+# artifact), so the run page lists what shaped the run, not every setting of every deployment target.
+STAGE_SECTIONS = {
+    "download": ("data",),
+    "clip": ("data", "model", "clip_pretrain"),
+    "train": ("data", "model", "train"),
+    "evaluate": ("model", "train", "eval"),
+    "register": ("mlflow",),
+}
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+
+def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
+    """``profile`` plus the sections ``stages`` read, as a nested dict (``log_params`` flattens it)."""
+    tree = cfg.to_dict()
+    sections = dict.fromkeys(s for stage in stages for s in STAGE_SECTIONS[stage])
+    return {"profile": tree["profile"], **{s: tree[s] for s in sections}}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
+            out.update(flatten(v, f"{key}."))
         else:
             out[key] = v
     return out
@@ -59,7 +76,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        flat = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             self._guard("log_params", self._client.log_batch, self.run_id, params=flat[i : i + 100])
 

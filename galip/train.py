@@ -38,7 +38,7 @@ from .clip import FrozenCLIP, clip_from_config
 from .config import Config
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .models import NetC, NetD, NetG, build_nets
-from .tracking import Tracker
+from .tracking import Tracker, stage_params
 
 log = logging.getLogger("galip.train")
 
@@ -437,7 +437,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         trainer.load(start)
         log.info("resumed from %s (step %d)", start, trainer.step)
     if trainer.step == 0:
-        tracker.log_params({**cfg.to_dict(), "world_size": env.world_size})
+        tracker.log_params({**stage_params(cfg, ["train"]), "world_size": env.world_size})
     result: dict[str, Any] = {"step": trainer.step, "checkpoint": str(start) if start else None, "losses": {}}
     if trainer.step >= max_steps:
         return result

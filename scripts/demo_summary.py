@@ -1,6 +1,6 @@
 """Print where to look after `make demo`: both UIs (run pages), model version, gate, sample grids, metrics.
 
-    python scripts/demo_summary.py PREFECT_UI_URL MLFLOW_UI_URL running|stopped
+    python scripts/demo_summary.py PREFECT_UI_URL MLFLOW_UI_URL kept|running|stopped
 """
 
 from __future__ import annotations
@@ -10,12 +10,20 @@ import sys
 from pathlib import Path
 
 
+# What is still serving the addresses below after the demo exits.
+WHERE = {
+    "kept": "KEEP=1: both UIs run on; `make stop` stops them",
+    "running": "the Prefect server was running before and runs on; `make ui` also serves the MLflow UI, `make stop` stops both",
+    "stopped": "the UIs stopped with the demo: `make ui` serves both again at these addresses, `make stop` stops them",
+}
+
+
 def main(argv: list[str]) -> int:
     from mlflow import MlflowClient
 
     from flows.galip_train import GalipTrainParams, Links, absolute_tracking_uri
 
-    if len(argv) != 3 or argv[2] not in ("running", "stopped"):
+    if len(argv) != 3 or argv[2] not in WHERE:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     prefect_ui, mlflow_ui, state = argv[0].rstrip("/"), argv[1].rstrip("/"), argv[2]
@@ -36,11 +44,7 @@ def main(argv: list[str]) -> int:
             aliases[alias] = client.get_model_version_by_alias(name, alias).version
         except Exception:  # noqa: BLE001 - alias not set
             pass
-    if state == "running":
-        where = "Where to look (servers kept running: `make stop` stops them)"
-    else:
-        where = "Where to look (the UIs stopped with the demo: `make ui` serves both again at these addresses, `make stop` stops them)"
-    lines = ["", where, f"  Prefect UI      {prefect_ui}"]
+    lines = ["", f"Where to look ({WHERE[state]})", f"  Prefect UI      {prefect_ui}"]
     if runs:
         run = runs[0]
         links = Links(mlflow_ui=mlflow_ui, experiment_id=run.info.experiment_id, run_id=run.info.run_id)

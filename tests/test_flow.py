@@ -143,18 +143,21 @@ def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fai
     assert len(clip_lines) < 40 and not any("Params:" in line or "Transformer(" in line for line in clip_lines), clip_lines[:60]
     assert "git add dvc.lock" not in log
 
+    worker = psutil.Process(int((server["home"] / "worker.pid").read_text()))
+    _, alive = psutil.wait_procs(worker.children(recursive=True), timeout=30)
+    assert not alive, f"processes of the finished run left: {[p.cmdline() for p in alive]}"
     flow_run = latest_flow_run("demo")
     assert task_parents(flow_run.id) == CHAIN, "the flow-run graph draws the stage chain"
     artifacts = read_artifacts()
     assert {"data-report", "metrics", "mlflow-run", "sample-grid", "training-samples", "gate"} <= set(artifacts)
     for key in ("sample-grid", "training-samples"):
         assert "](data:image/jpeg;base64," in artifacts[key].data, f"{key}: the image itself is in the artifact"
-    assert artifacts["mlflow-run"].data.startswith(server["env"]["GALIP_MLFLOW_UI_URL"] + "/#/experiments/")
+    assert f"]({server['env']['GALIP_MLFLOW_UI_URL']}/#/experiments/" in artifacts["mlflow-run"].data, "the MLflow UI's real address"
 
     client = MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("galip", "champion")
     assert str(client.get_model_version_by_alias("galip", "challenger").version) == str(version.version) == "1"
-    assert client.get_logged_model(version.model_id).name == "galip"
+    assert client.get_logged_model(version.source.removeprefix("models:/")).name == "galip"
     # Rule and decision in the version's description (rendered as markdown by the MLflow UI) and in Prefect.
     assert "`prompt_fidelity` is at least 0 (`mlflow.gate_bar`)" in version.description
     assert "**Decision**: v1 prompt_fidelity=0 meets the bar (at least 0) and there is no champion yet" in version.description

@@ -37,13 +37,14 @@ test-fast: install
 demo: install
 	scripts/demo.sh
 
-# Keep (or start) the local Prefect server for browsing; prints the UI URL. `make stop` stops it.
+# Serve (or keep) the Prefect UI and the MLflow UI at the addresses `make demo` printed; `make stop` stops them.
 ui: install
-	@source scripts/prefect-local.sh && prefect_server_up && echo "Prefect UI: $${PREFECT_API_URL%/api}" && \
-	  echo "MLflow UI:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000"
+	@source scripts/prefect-local.sh && prefect_server_up && mlflow_ui_up && \
+	  echo "Prefect UI: $$PREFECT_UI_URL" && echo "MLflow UI:  $$GALIP_MLFLOW_UI_URL"
 
+# Stops flow runs of the local worker first (recorded as crashed), then worker, Prefect server, MLflow UI.
 stop:
-	@source scripts/prefect-local.sh && prefect_down && echo "stopped the local Prefect server and worker"
+	@source scripts/prefect-local.sh && prefect_down && echo "stopped the local flow runs, worker, Prefect server and MLflow UI"
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

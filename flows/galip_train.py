@@ -11,18 +11,27 @@ Re-running after a failure skips completed steps: a retried flow run reuses the 
 its completed tasks (Prefect's default cache policy is keyed on the run id), and a new run skips the
 stages DVC finds up to date. The flow owns the MLflow run: it passes ``MLFLOW_RUN_ID`` to every stage
 process, so the trainer logs its losses and sample grids into the same run.
+
+Each task receives what the previous one produced (or waits for it), so the flow-run graph draws the
+chain preflight -> download -> data-report -> train-clip -> train -> evaluate -> register. The MLflow
+run and the Prefect flow run link to each other; images are embedded in the Prefect artifacts.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
+import io
 import json
 import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +43,7 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_table_artifact,
 )
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from galip.config import Config, ConfigError, load_config
@@ -103,7 +112,14 @@ class GalipTrainParams(BaseModel):
 
     @model_validator(mode="after")
     def _resolves(self) -> GalipTrainParams:
-        self.config()  # unknown keys, wrong types, unknown profile: rejected here, naming the key
+        cfg = self.config()  # unknown keys, wrong types, unknown profile: rejected here, naming the key
+        if self.register_model:
+            from galip.registry import check_gate_metric
+
+            try:
+                check_gate_metric(cfg)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     def config(self) -> Config:
@@ -169,8 +185,16 @@ def stream_process(argv: list[str], env: dict[str, str], emit: Callable[[str], N
                 tail = (tail + [line])[-30:]
         if buf.strip():
             emit(redact(buf.decode(errors="replace").rstrip()))
-    finally:
-        rc = proc.wait()
+    except BaseException:
+        # Interrupted (SIGTERM from a stop, a cancellation): the stage must not outlive the flow run.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    rc = proc.wait()
     if rc != 0:
         raise StageFailed(f"`{shlex.join(argv)}` exited {rc}; last lines:\n" + "\n".join(tail[-15:]))
     return tail
@@ -185,13 +209,105 @@ def stage_env(mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, 
     return env
 
 
+# DVC's advice after each stage (git add dvc.lock, autostage, dvc push): the flow needs none of it.
+DVC_HINTS = re.compile(r"^\s*(To track the changes with git|git add dvc\.lock|To enable auto staging|dvc config core\.autostage|Use `dvc push`)")
+
+
 def run_stage(name: str, params: GalipTrainParams, mlflow_run_id: str | None, tracking_uri: str | None) -> None:
     logger = get_run_logger()
     argv = ["dvc", "repro", "--single-item", name] if params.uses_dvc() else stage_commands(params)[name]
     logger.info("[%s] %s", name, shlex.join(argv))
     t0 = time.perf_counter()
-    stream_process(argv, stage_env(mlflow_run_id, tracking_uri), lambda line: logger.info("[%s] %s", name, line))
+
+    def emit(line: str) -> None:
+        if not DVC_HINTS.match(line):
+            logger.info("[%s] %s", name, line)
+
+    stream_process(argv, stage_env(mlflow_run_id, tracking_uri), emit)
     logger.info("[%s] done in %.1f s", name, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where people look: the two UIs and images inside Prefect artifacts
+# ---------------------------------------------------------------------------------------------
+class Links(BaseModel):
+    """Addresses of this flow run's records in the MLflow UI and the Prefect UI."""
+
+    mlflow_ui: str
+    experiment_id: str
+    run_id: str
+    flow_run_url: str = ""
+
+    @property
+    def run_url(self) -> str:
+        return f"{self.mlflow_ui}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def artifact_url(self, path: str) -> str:
+        """The file itself, as the MLflow UI serves it (a browser opens it while the UI runs)."""
+        return f"{self.mlflow_ui}/get-artifact?path={path}&run_uuid={self.run_id}"
+
+    def model_version_url(self, name: str, version: str) -> str:
+        return f"{self.mlflow_ui}/#/models/{name}/versions/{version}"
+
+
+def mlflow_ui_url(cfg: Config, tracking_uri: str) -> str:
+    """GALIP_MLFLOW_UI_URL (what `make ui`/`make demo` serve), else mlflow.ui_url, else the tracking server."""
+    url = os.environ.get("GALIP_MLFLOW_UI_URL") or cfg.mlflow.ui_url
+    if not url and tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri
+    return redact((url or "http://127.0.0.1:5000").rstrip("/"))  # links are shown and stored: no password in them
+
+
+def embedded_image(path: Path, max_width: int = 1024) -> str:
+    """A markdown image holding the picture itself (JPEG data URI): Prefect's UI renders it, offline too."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.width > max_width:
+            img = img.resize((max_width, round(img.height * max_width / img.width)))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+    return f"![{path.name}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+# Time a flow run whose worker vanished gets to record its end (Prefect state, MLflow run) before it is killed.
+REPORT_GRACE_S = 30.0
+
+
+def _stop_with_worker(on_timeout: list[Callable[[], None]], interval_s: float = 2.0) -> None:
+    """A worker-launched flow run lives in its own process group, which a killed worker would leave
+    behind (engine, dvc, torchrun, trainer). When the worker goes, SIGTERM our group: Prefect then
+    marks the run Crashed and the MLflow run ends FAILED. Whatever is still running after
+    REPORT_GRACE_S (reports retry for minutes when the server went down too) gets ``on_timeout``'s
+    calls, then SIGKILL; flows.reap records the Prefect state when the server is back."""
+    parent = os.getppid()
+    if not os.environ.get("PREFECT__FLOW_RUN_ID") or parent == 1:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        # Signal first: our stderr was a pipe to the dead worker, so writing to it may fail.
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+        time.sleep(REPORT_GRACE_S)
+        for call in on_timeout:
+            with contextlib.suppress(Exception):
+                call()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="stop-with-worker", daemon=True).start()
+
+
+def end_mlflow_run_if_running(tracking_uri: str, run_id: str) -> Callable[[], None]:
+    def end() -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+
+    return end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +315,16 @@ def run_stage(name: str, params: GalipTrainParams, mlflow_run_id: str | None, tr
 # ---------------------------------------------------------------------------------------------
 @task(name="preflight")
 @redacted_errors
-def preflight(params: GalipTrainParams) -> None:
+def preflight(params: GalipTrainParams) -> str:
     """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later."""
     from galip.preflight import missing_prerequisites
 
     problems = missing_prerequisites(params.config())
     if problems:
         raise RuntimeError(f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems))
-    get_run_logger().info("preflight ok: profile %s, %s", params.profile, "dvc repro stages" if params.uses_dvc() else "direct stages")
+    summary = f"preflight ok: profile {params.profile}, {'dvc repro stages' if params.uses_dvc() else 'direct stages'}"
+    get_run_logger().info(summary)
+    return summary
 
 
 @task(name="download", retries=2, retry_delay_seconds=[10, 60], persist_result=True)
@@ -225,10 +343,23 @@ def download(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) ->
     return {"report": str(paths["report"]), "manifest": str(paths["manifest"]), "manifest_hash": report["manifest_hash"], **report}
 
 
+def log_training_dataset(report: dict[str, Any], profile: str) -> None:
+    """The shard manifest as the run's training dataset input (name, digest = manifest hash, source = shards)."""
+    import mlflow
+    import pandas as pd
+
+    manifest = json.loads(Path(report["manifest"]).read_text())
+    table = pd.DataFrame(manifest["shards"], columns=["shard", "samples", "sha256", "bytes"])
+    source = manifest["shards_dir"] if "://" in manifest["shards_dir"] else str(Path(manifest["shards_dir"]).resolve())
+    dataset = mlflow.data.from_pandas(table, source=source, name=f"galip-{profile}-shards", digest=report["manifest_hash"])
+    mlflow.log_input(dataset, context="training")
+
+
 @task(name="data-report")
 @redacted_errors
-def data_report(report: dict[str, Any], mlflow_run_id: str) -> str:
-    """The data report as a Prefect markdown artifact and an MLflow artifact; the manifest hash as a param."""
+def data_report(report: dict[str, Any], profile: str, mlflow_run_id: str) -> str:
+    """The data report as a Prefect markdown artifact and an MLflow artifact; the shard manifest as the
+    run's training dataset."""
     import mlflow
 
     rows = ["rows", "successes", "failed", "success_rate", "malformed_rows", "shards", "bytes", "images_per_s"]
@@ -241,6 +372,7 @@ def data_report(report: dict[str, Any], mlflow_run_id: str) -> str:
     client.set_tag(mlflow_run_id, "data.manifest_hash", report["manifest_hash"])
     client.log_artifact(mlflow_run_id, report["report"], "data")
     client.log_artifact(mlflow_run_id, report["manifest"], "data")
+    log_training_dataset(report, profile)
     get_run_logger().info("data: %s images in %s shards (manifest %s)", report.get("successes"), report.get("shards"), report["manifest_hash"])
     return markdown
 
@@ -253,29 +385,53 @@ def train_clip(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) 
     return params.config().clip_pretrain.out_path
 
 
+# Training grids shown in the Prefect artifact (all of them are in MLflow, one image per sample step).
+ARTIFACT_GRIDS = 8
+
+
+def training_samples_markdown(samples_dir: Path, prompts: list[str], links: Links) -> str:
+    grids = sorted(samples_dir.glob("step_*.png"))
+    lines = [
+        "# Training samples",
+        "",
+        "Rows, fixed noise across steps:",
+        "",
+        *(f"{i + 1}. `{p}`" for i, p in enumerate(prompts)),
+        "",
+        f"Every sample step is in the [MLflow run]({links.run_url}) (Artifacts → images, or the run's image slider).",
+    ]
+    for grid in grids[-ARTIFACT_GRIDS:]:
+        lines += ["", f"**step {int(grid.stem.removeprefix('step_'))}**", "", embedded_image(grid)]
+    return "\n".join(lines)
+
+
 @task(name="train", persist_result=True)
 @redacted_errors
-def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> str:
+def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
     """torchrun -m galip.train; the trainer logs losses and sample grids to the MLflow run itself."""
     from galip.checkpoint import latest_checkpoint
 
     run_stage("train", params, mlflow_run_id, tracking_uri)
     cfg = params.config()
-    ckpt = latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
+    out = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is None:
         raise StageFailed(f"training finished but {cfg.train.out_dir}/checkpoints holds no checkpoint")
     import mlflow
 
     for name in ("train_log.csv", "config.yaml"):
-        if (Path(cfg.train.out_dir) / name).is_file():
-            mlflow.MlflowClient().log_artifact(mlflow_run_id, str(Path(cfg.train.out_dir) / name), "train")
+        if (out / name).is_file():
+            mlflow.MlflowClient().log_artifact(mlflow_run_id, str(out / name), "train")
+    if any((out / "samples").glob("step_*.png")):
+        markdown = training_samples_markdown(out / "samples", list(cfg.train.sample_prompts), links)
+        create_markdown_artifact(markdown, key="training-samples", description="sample grids during training (train.sample_prompts)")
     return str(ckpt)
 
 
 @task(name="evaluate", persist_result=True)
 @redacted_errors
-def evaluate(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
-    """galip evaluate; metrics go to MLflow and to a Prefect table artifact."""
+def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, tracking_uri: str, links: Links) -> dict[str, Any]:
+    """galip evaluate on the trained checkpoint; metrics go to MLflow and to a Prefect table artifact."""
     import mlflow
 
     run_stage("evaluate", params, mlflow_run_id, tracking_uri)
@@ -292,28 +448,47 @@ def evaluate(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) ->
     if grid.is_file():
         from PIL import Image
 
+        client.log_artifact(mlflow_run_id, str(grid), "eval")
         with Image.open(grid) as img:
             client.log_image(mlflow_run_id, img.copy(), key="eval_samples", step=step)
-    create_table_artifact([{"metric": k, "value": round(v, 5)} for k, v in flat.items()], key="metrics", description=f"evaluation at step {step}")
+        prompts = "\n".join(f"{i + 1}. `{p}`" for i, p in enumerate(cfg.train.sample_prompts))
+        create_markdown_artifact(
+            f"# Evaluation samples (step {step})\n\nRows, {cfg.eval.grid_n} seeds each:\n\n{prompts}\n\n{embedded_image(grid)}\n\n"
+            f"Full size: [{grid.name} in the MLflow run]({links.artifact_url('eval/' + grid.name)})",
+            key="sample-grid",
+            description="evaluation samples, one row per train.sample_prompts",
+        )
+    create_table_artifact([{"metric": k, "value": float(f"{v:.4g}")} for k, v in flat.items()], key="metrics", description=f"evaluation at step {step}")
     get_run_logger().info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
-    return {"metrics": flat, "checkpoint": metrics.get("protocol", {}).get("checkpoint"), "grid": str(grid.resolve())}
+    return {"metrics": flat, "checkpoint": metrics.get("protocol", {}).get("checkpoint") or checkpoint, "grid": str(grid.resolve())}
 
 
 @task(name="register")
 @redacted_errors
-def register(params: GalipTrainParams, checkpoint: str, metrics: dict[str, float], mlflow_run_id: str) -> dict[str, Any]:
-    """Log the pyfunc, register it (alias challenger) and apply the champion gate."""
+def register(params: GalipTrainParams, evaluation: dict[str, Any], mlflow_run_id: str, links: Links) -> dict[str, Any]:
+    """Log the pyfunc, register it (alias challenger), apply the champion gate; rule and decision go into
+    the version's description and a Prefect artifact."""
     from dataclasses import asdict
 
     from galip import registry
 
     cfg = params.config()
-    model_uri = registry.log_model(cfg, Path(checkpoint), mlflow_run_id)
-    version, decision = registry.register(cfg, model_uri, mlflow_run_id, metrics)
+    m = cfg.mlflow
+    model_uri = registry.log_model(cfg, Path(evaluation["checkpoint"]), mlflow_run_id)
+    run_links = {"MLflow run": links.run_url, **({"Prefect flow run": links.flow_run_url} if links.flow_run_url else {})}
+    version, decision = registry.register(cfg, model_uri, mlflow_run_id, evaluation["metrics"], run_links)
+    version_url = links.model_version_url(m.model_name, version)
+    create_markdown_artifact(
+        f"# Champion gate: {m.model_name} v{version}\n\n{registry.describe(cfg, decision, evaluation['metrics'], run_links)}\n\n"
+        f"[{m.model_name} v{version} in the MLflow registry]({version_url}) · aliases: "
+        f"`{m.challenger_alias}` = v{version}, `{m.champion_alias}` = {('v' + decision.champion_version) if decision.champion_version else 'none'}",
+        key="gate",
+        description=f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}",
+    )
     logger = get_run_logger()
-    logger.info("registered %s version %s (alias %s)", cfg.mlflow.model_name, version, cfg.mlflow.challenger_alias)
+    logger.info("registered %s version %s (alias %s): %s", m.model_name, version, m.challenger_alias, version_url)
     logger.info("gate: %s", decision.reason)
-    return {"name": cfg.mlflow.model_name, "version": version, "model_uri": model_uri, **asdict(decision)}
+    return {"name": m.model_name, "version": version, "model_uri": model_uri, "version_url": version_url, **asdict(decision)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,20 +512,29 @@ def git_commit() -> tuple[str, bool]:
     return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
-def mlflow_links(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
-    """(URL of the run in the MLflow UI, how to open that UI); credentials masked (they are shown and stored)."""
-    tracking_uri = redact(tracking_uri)
-    if tracking_uri.startswith("http"):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}", tracking_uri
-    ui = f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
-    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}", ui
+def run_params(cfg: Config, stages: list[str], world_size: int) -> dict[str, str]:
+    """The sections this run's stages read, flattened as MLflow params (the full config is an artifact)."""
+    from galip.tracking import flatten, stage_params
+
+    return {k: str(v)[:6000] for k, v in flatten({**stage_params(cfg, stages), "flow": cfg.flow.model_dump(mode="json"), "world_size": world_size}).items()}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": str(v)[:6000]})
-    return out
+def run_tags(cfg: Config, flow_run_url: str) -> dict[str, str]:
+    commit, dirty = git_commit()
+    flow_name = flow_run.flow_name or "galip-train"
+    link = f"[{flow_name} / {flow_run.name}]({flow_run_url})" if flow_run_url else f"{flow_name} / {flow_run.name}"
+    return {
+        # The run's "Source" in the MLflow UI: the flow, not Prefect's engine module that happens to run it.
+        "mlflow.source.name": f"{flow_name} (flows/galip_train.py)",
+        "mlflow.source.type": "JOB",
+        "mlflow.source.git.commit": commit,
+        "git.dirty": str(dirty),
+        "galip.profile": cfg.profile,
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_url": flow_run_url,
+        # The run's description (markdown in the MLflow UI): the way back to the Prefect flow run.
+        "mlflow.note.content": f"Prefect flow run {link}, deployment `{deployment.name or 'none'}`, profile `{cfg.profile}`.",
+    }
 
 
 @flow(name="galip-train", log_prints=True)
@@ -359,31 +543,42 @@ def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any]
     """Download, [train the demo CLIP], train GALIP, evaluate, register and gate; one MLflow run for all of it."""
     import mlflow
 
+    on_timeout: list[Callable[[], None]] = []
+    _stop_with_worker(on_timeout)
     logger = get_run_logger()
     cfg = params.config()
-    preflight(params)
+    checked = preflight(params)
     uri = absolute_tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    commit, dirty = git_commit()
-    tags = {"mlflow.source.git.commit": commit, "git.dirty": str(dirty), "galip.profile": cfg.profile, "prefect.flow_run_id": str(flow_run.id)}
-    with mlflow.start_run(run_name=str(flow_run.name or "galip-train"), tags=tags, log_system_metrics=True) as run:
+    flow_run_url = flow_run.ui_url if flow_run.id else ""
+    stages = ["download", *(["clip"] if cfg.clip_pretrain.enabled else []), "train", "evaluate", *(["register"] if params.register_model else [])]
+    run_name = f"{flow_run.flow_name or 'galip-train'}/{cfg.profile} {flow_run.name or ''}".strip()
+    with mlflow.start_run(run_name=run_name, tags=run_tags(cfg, flow_run_url), log_system_metrics=True) as run:
         run_id = run.info.run_id
-        mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in _flat({**cfg.to_dict(), "world_size": cfg.flow.nproc_per_node}).items()])
-        run_url, ui = mlflow_links(uri, experiment.experiment_id, run_id)
-        create_link_artifact(run_url, link_text="MLflow run", key="mlflow-run", description=f"open the UI with: {ui}")
-        logger.info("MLflow run %s (%s)", run_id, run_url)
+        on_timeout.append(end_mlflow_run_if_running(uri, run_id))
+        links = Links(mlflow_ui=mlflow_ui_url(cfg, uri), experiment_id=experiment.experiment_id, run_id=run_id, flow_run_url=flow_run_url)
+        mlflow.log_params(run_params(cfg, stages, cfg.flow.nproc_per_node))
+        mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+        create_link_artifact(
+            links.run_url,
+            link_text=f"MLflow run {run_name}",
+            key="mlflow-run",
+            description=f"metrics, per-step sample grids, model; served by `make ui` at {links.mlflow_ui}",
+        )
+        logger.info("MLflow run %s: %s", run_id, links.run_url)
 
-        report = download.with_options(retries=cfg.flow.download_retries)(params, run_id, uri)
-        data_report(report, run_id)
-        if cfg.clip_pretrain.enabled:
-            train_clip(params, run_id, uri)
-        checkpoint = train(params, run_id, uri)
-        evaluation = evaluate(params, run_id, uri)
-        create_link_artifact(f"file://{evaluation['grid']}", link_text="sample grid", key="sample-grid", description="evaluation samples, one row per train.sample_prompts")
-        result: dict[str, Any] = {"mlflow_run_id": run_id, "mlflow_run_url": run_url, "mlflow_ui": ui, "checkpoint": checkpoint, "grid": evaluation["grid"], "metrics": evaluation["metrics"]}
+        report = download.with_options(retries=cfg.flow.download_retries)(params, run_id, uri, wait_for=[checked])
+        shown = data_report(report, cfg.profile, run_id)
+        clip = train_clip(params, run_id, uri, wait_for=[shown]) if cfg.clip_pretrain.enabled else shown
+        checkpoint = train(params, run_id, uri, links, wait_for=[clip])
+        evaluation = evaluate(params, checkpoint, run_id, uri, links)
+        result: dict[str, Any] = {
+            "mlflow_run_id": run_id, "mlflow_run_url": links.run_url, "checkpoint": checkpoint,
+            "grid": evaluation["grid"], "metrics": evaluation["metrics"],
+        }  # fmt: skip
         if params.register_model:
-            result["model"] = register(params, evaluation["checkpoint"] or checkpoint, evaluation["metrics"], run_id)
+            result["model"] = register(params, evaluation, run_id, links)
     logger.info("result: %s", json.dumps(result, default=str))
     return result
 

@@ -43,6 +43,39 @@ def _patch_webdataset_eof() -> None:
         oct_data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
 
 
+# open_clip_train's console lines worth a run log: progress and results. Its model printout, parameter
+# dump and the rest stay in its log file, kept next to the checkpoint.
+_CONSOLE_PREFIXES = ("Start epoch", "Train Epoch", "Eval Epoch")
+
+
+def _progress_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.getMessage().startswith(_CONSOLE_PREFIXES)
+
+
+def _quiet_console() -> None:
+    """Filter the console handler open_clip_train's ``setup_logging`` adds (its file handler keeps everything)."""
+    import open_clip_train.main as oct_main
+
+    setup = oct_main.setup_logging
+    if getattr(setup, "_galip_quiet", False):
+        return
+
+    @functools.wraps(setup)
+    def quiet_setup(log_file: str, level: int, include_host: bool = False) -> None:
+        before = set(logging.root.handlers)
+        # setup_logging also lowers every library logger to INFO (torch then prints compile stats at exit)
+        levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        setup(log_file, level, include_host)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
+        for handler in set(logging.root.handlers) - before:
+            if type(handler) is logging.StreamHandler:
+                handler.addFilter(_progress_only)
+
+    quiet_setup._galip_quiet = True  # type: ignore[attr-defined]
+    oct_main.setup_logging = quiet_setup
+
+
 def count_samples(cfg: Config, shards: list[str]) -> int:
     """Samples in the shards, from img2dataset's per-shard stats (no pass over the data)."""
     total = 0
@@ -110,6 +143,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     register_project_model_configs()
     _patch_webdataset_eof()
+    _quiet_console()
     shards = resolve_shards(cfg.data)
     num_samples = count_samples(cfg, shards)
     out = Path(cfg.clip_pretrain.out_path)
@@ -123,7 +157,9 @@ def run(cfg: Config) -> dict[str, Any]:
         if rc not in (None, 0):
             raise ClipPretrainError(f"open_clip_train returned {rc}; see {logs / name / 'out.log'}")
         _write_state_dict(_final_checkpoint(logs, name, cfg.clip_pretrain.epochs), out)
-        final_log = (logs / name / "out.log").read_text().strip().splitlines()[-1:]
+        trainer_log = out.with_name("open_clip_train.log")
+        shutil.copyfile(logs / name / "out.log", trainer_log)
+        final_log = trainer_log.read_text().strip().splitlines()[-1:]
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     return {
@@ -133,4 +169,5 @@ def run(cfg: Config) -> dict[str, Any]:
         "epochs": cfg.clip_pretrain.epochs,
         "wall_s": round(time.perf_counter() - t0, 1),
         "last_log": final_log[0] if final_log else "",
+        "trainer_log": str(trainer_log),
     }

@@ -262,6 +262,10 @@ class MlflowConfig(_Section):
     model_name: str = Field("galip", description="registered model name")
     gate_metric: str = Field("prompt_fidelity", description="metric from metrics.json that decides promotion to champion")
     gate_direction: Literal["higher", "lower"] = Field("higher", description="which way is better for gate_metric")
+    gate_bar: float = Field(
+        0.0, allow_inf_nan=False, description="a version must reach this gate_metric value (at least / at most, per direction) to become champion"
+    )
+    ui_url: str = Field("", description="MLflow UI address for links; '' = the tracking URI when it is a server, else http://127.0.0.1:5000")
     challenger_alias: str = "challenger"
     champion_alias: str = "champion"
 

@@ -1,8 +1,9 @@
 """MLflow model registry: log the generator as a pyfunc, register it, promote by alias after a gate.
 
 Every registration gets the alias ``challenger``. ``champion`` moves to the new version only when its
-gate metric (``mlflow.gate_metric``, better = ``mlflow.gate_direction``) beats the current champion's;
-otherwise champion stays and the decision says why. Consumers load ``models:/<name>@champion``; people
+gate metric (``mlflow.gate_metric``) meets the bar ``mlflow.gate_bar`` and beats the current champion's
+(better = ``mlflow.gate_direction``); otherwise champion stays. Rule and decision are written into the
+version's description (and its ``gate_decision`` tag). Consumers load ``models:/<name>@champion``; people
 can move either alias by hand in the MLflow UI, and the next gate compares against whatever champion
 then points at.
 """
@@ -122,7 +123,7 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
     in_run = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
     with tempfile.TemporaryDirectory() as tmp, in_run:
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=cfg.mlflow.model_name,
             python_model=serving.GalipTextToImage(),
             artifacts=model_artifacts(checkpoint, Path(tmp)),
             signature=serving.signature(),
@@ -138,6 +139,40 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
 
 def _better(value: float, than: float, direction: str) -> bool:
     return value > than if direction == "higher" else value < than
+
+
+def _meets_bar(value: float, bar: float, direction: str) -> bool:
+    return value >= bar if direction == "higher" else value <= bar
+
+
+def _num(value: float) -> str:
+    """Metric values as people read them: 4 significant digits, no float32 noise (1.399999976 -> 1.4)."""
+    return f"{value:.4g}"
+
+
+# Result keys of eval.metrics entries whose names differ from the entry (galip/metrics/__init__.py).
+_REPORTED_AS = {"clip_score": ("clip_score_train", "clip_score_eval", "clip_cosine_train", "clip_cosine_eval")}
+
+
+def check_gate_metric(cfg: Config) -> None:
+    """The gate compares a number evaluation reports; a typo would leave every version unpromoted."""
+    from .config import ConfigError
+
+    metric, names = cfg.mlflow.gate_metric, cfg.eval.metrics
+    if not any(metric == n or metric.startswith(n + "_") or metric in _REPORTED_AS.get(n, ()) for n in names):
+        raise ConfigError(
+            f"mlflow.gate_metric: {metric!r} is not reported by eval.metrics {list(names)}; "
+            "choose one of their results (see galip/metrics/__init__.py) or add its metric"
+        )
+
+
+def gate_rule(cfg: Config) -> str:
+    m = cfg.mlflow
+    bound, than = ("at least", "higher") if m.gate_direction == "higher" else ("at most", "lower")
+    return (
+        f"`{m.champion_alias}` moves to a new version when its `{m.gate_metric}` is {bound} {_num(m.gate_bar)} "
+        f"(`mlflow.gate_bar`) and {than} than the current {m.champion_alias}'s (`mlflow.gate_direction: {m.gate_direction}`)"
+    )
 
 
 def _version_metric(client, name: str, version, metric: str) -> float | None:
@@ -161,13 +196,14 @@ def _current_champion(client, cfg: Config):
 
 
 def gate(cfg: Config, version: str, value: float | None) -> GateDecision:
-    """Move ``champion`` to ``version`` only if its gate metric beats the current champion's."""
+    """Move ``champion`` to ``version`` only if its gate metric meets the bar and beats the current champion's."""
     from mlflow import MlflowClient
 
     m = cfg.mlflow
     client = MlflowClient(tracking_uri(cfg))
     champion = _current_champion(client, cfg)
     champ_value = _version_metric(client, m.model_name, champion, m.gate_metric) if champion else None
+    stays = f"{m.champion_alias} stays v{champion.version}" if champion else f"no {m.champion_alias} yet"
 
     def decide(promote: bool, reason: str) -> GateDecision:
         if promote:
@@ -176,28 +212,45 @@ def gate(cfg: Config, version: str, value: float | None) -> GateDecision:
         return GateDecision(promote, reason, version, after, m.gate_metric, value, champ_value)
 
     if value is None or math.isnan(value):
-        return decide(False, f"version {version} has no finite {m.gate_metric}; champion unchanged")
+        return decide(False, f"v{version} has no finite {m.gate_metric}; {stays}")
+    score = f"v{version} {m.gate_metric}={_num(value)}"
+    bound = "at least" if m.gate_direction == "higher" else "at most"
+    if not _meets_bar(value, m.gate_bar, m.gate_direction):
+        return decide(False, f"{score} misses the bar ({bound} {_num(m.gate_bar)}); {stays}")
     if champion is None:
-        return decide(True, f"no {m.champion_alias} yet: version {version} ({m.gate_metric}={value:.4g}) becomes it")
+        return decide(True, f"{score} meets the bar ({bound} {_num(m.gate_bar)}) and there is no {m.champion_alias} yet: v{version} becomes {m.champion_alias}")
     if champion.version == version:
-        return decide(False, f"version {version} already is {m.champion_alias}")
+        return decide(False, f"v{version} already is {m.champion_alias}")
     if champ_value is None:
         return decide(
             False,
-            f"{m.champion_alias} v{champion.version} has no {m.gate_metric} to compare with (set by hand?); "
-            f"it stays. Move the alias in the MLflow UI to promote v{version}",
+            f"{score} meets the bar, but {m.champion_alias} v{champion.version} has no {m.gate_metric} to compare with "
+            f"(set by hand?); it stays. Move the alias in the MLflow UI to promote v{version}",
         )
-    better = _better(value, champ_value, m.gate_direction)
-    verdict = "beats" if better else "does not beat"
-    return decide(
-        better,
-        f"v{version} {m.gate_metric}={value:.4g} {verdict} {m.champion_alias} v{champion.version} "
-        f"({champ_value:.4g}; {m.gate_direction} is better)" + ("" if better else "; champion unchanged"),
-    )
+    if _better(value, champ_value, m.gate_direction):
+        return decide(True, f"{score} meets the bar and beats {m.champion_alias} v{champion.version} ({_num(champ_value)}): v{version} becomes {m.champion_alias}")
+    return decide(False, f"{score} meets the bar but does not beat {m.champion_alias} v{champion.version} ({_num(champ_value)}); {stays}")
 
 
-def register(cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any]) -> tuple[str, GateDecision]:
-    """Register ``model_uri``, tag it with its metrics, alias it challenger, then run the champion gate."""
+def describe(cfg: Config, decision: GateDecision, metrics: dict[str, Any], links: dict[str, str] | None = None) -> str:
+    """The model version's description (markdown in the MLflow UI): the gate rule, its decision, the metrics."""
+    lines = [
+        f"**Gate rule**: {gate_rule(cfg)}.",
+        "",
+        f"**Decision**: {decision.reason}.",
+        "",
+        "**Metrics**: " + ", ".join(f"{k} {_num(float(v))}" for k, v in metrics.items() if isinstance(v, (int, float))),
+    ]
+    if links:
+        lines += ["", " · ".join(f"[{text}]({url})" for text, url in links.items())]
+    return "\n".join(lines)
+
+
+def register(
+    cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any], links: dict[str, str] | None = None
+) -> tuple[str, GateDecision]:
+    """Register ``model_uri``, tag it with its metrics, alias it challenger, run the champion gate and
+    write rule and decision into the version's description (``links``: text -> URL, e.g. the flow run)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -207,7 +260,7 @@ def register(cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any]) 
     client = MlflowClient(tracking_uri(cfg))
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
-            client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, str(float(value)))
+            client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, f"{float(value):.6g}")
     client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
     for key, value in client.get_run(run_id).data.tags.items():
         if key.startswith(ORIGIN_TAG_PREFIX):  # set by log_model for imported weights
@@ -216,6 +269,7 @@ def register(cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any]) 
     raw = metrics.get(m.gate_metric)
     decision = gate(cfg, str(version), float(raw) if isinstance(raw, (int, float)) else None)
     client.set_model_version_tag(m.model_name, version, "gate_decision", decision.reason)
+    client.update_model_version(m.model_name, version, description=describe(cfg, decision, metrics, links))
     return str(version), decision
 
 

@@ -11,12 +11,29 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .config import flatten
 from .redact import redact
 
 log = logging.getLogger("galip.tracking")
+
+# Config sections each stage reads. A run logs these as MLflow params (its full resolved config is an
+# artifact), so the run page lists what shaped the run, not every setting of every deployment target.
+STAGE_SECTIONS = {
+    "download": ("data",),
+    "clip": ("data", "model", "clip_pretrain"),
+    "train": ("data", "model", "train"),
+    "evaluate": ("model", "train", "eval"),
+    "register": ("mlflow",),
+}
+
+
+def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
+    """``profile`` plus the sections ``stages`` read, as a nested dict (``log_params`` flattens it)."""
+    tree = cfg.to_dict()
+    sections = dict.fromkeys(s for stage in stages for s in STAGE_SECTIONS[stage])
+    return {"profile": tree["profile"], **{s: tree[s] for s in sections}}
 
 
 class Tracker:

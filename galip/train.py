@@ -45,7 +45,7 @@ from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .redact import redact
 from .runlock import run_lock
-from .tracking import Tracker
+from .tracking import Tracker, stage_params
 
 log = logging.getLogger("galip.train")
 
@@ -560,7 +560,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         trainer.load(start, allow_config_change)
         log.info("resumed from %s (step %d)", start, trainer.step)
     if trainer.step == 0:
-        tracker.log_params({**cfg.to_dict(), "world_size": env.world_size})
+        tracker.log_params({**stage_params(cfg, ["train"]), "world_size": env.world_size})
     result: dict[str, Any] = {"step": trainer.step, "checkpoint": str(start) if start else None, "losses": {}}
     if trainer.step >= max_steps:
         return result

@@ -1,24 +1,39 @@
-"""Print where to look after `make demo`: Prefect UI, MLflow UI command, sample grid, model version and aliases."""
+"""Print where to look after `make demo`: both UIs (run pages), model version, gate, sample grids, metrics.
+
+    python scripts/demo_summary.py PREFECT_UI_URL MLFLOW_UI_URL kept|running|stopped
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+
+# What is still serving the addresses below after the demo exits.
+WHERE = {
+    "kept": "KEEP=1: both UIs run on; `make stop` stops them",
+    "running": "the Prefect server was running before and runs on; `make ui` also serves the MLflow UI, `make stop` stops both",
+    "stopped": "the UIs stopped with the demo: `make ui` serves both again at these addresses, `make stop` stops them",
+}
 
 
 def main(argv: list[str]) -> int:
     from mlflow import MlflowClient
 
-    from flows.galip_train import GalipTrainParams, absolute_tracking_uri
+    from flows.galip_train import GalipTrainParams, Links, absolute_tracking_uri
 
-    api_url = argv[0] if argv else os.environ.get("PREFECT_API_URL", "")
+    if len(argv) != 3 or argv[2] not in WHERE:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    prefect_ui, mlflow_ui, state = argv[0].rstrip("/"), argv[1].rstrip("/"), argv[2]
     cfg = GalipTrainParams(profile="demo").config()
     uri = absolute_tracking_uri(cfg)
     metrics_path = Path(cfg.eval.out_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
     name = cfg.mlflow.model_name
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     latest = versions[-1] if versions else None
@@ -29,26 +44,28 @@ def main(argv: list[str]) -> int:
             aliases[alias] = client.get_model_version_by_alias(name, alias).version
         except Exception:  # noqa: BLE001 - alias not set
             pass
-    lines = [
-        "",
-        "Where to look",
-        f"  Prefect UI      {api_url.removesuffix('/api')}   (make ui keeps it running; make stop stops it)",
-        f"  MLflow UI       mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+    lines = ["", f"Where to look ({WHERE[state]})", f"  Prefect UI      {prefect_ui}"]
+    if runs:
+        run = runs[0]
+        links = Links(mlflow_ui=mlflow_ui, experiment_id=run.info.experiment_id, run_id=run.info.run_id)
+        if run.data.tags.get("prefect.flow_run_url"):
+            lines.append(f"    flow run      {run.data.tags['prefect.flow_run_url']}")
+        lines += [f"  MLflow UI       {mlflow_ui}", f"    run           {links.run_url}"]
+        if latest:
+            tagged = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
+            lines.append(f"    model         {links.model_version_url(name, latest.version)}  ({name} v{latest.version}; {tagged})")
+            lines.append(f"  gate            {latest.tags.get('gate_decision', '')}")
+    lines += [
         f"  sample grid     {(Path(cfg.eval.out_dir) / 'samples.png').resolve()}",
         f"  training grids  {(Path(cfg.train.out_dir) / 'samples').resolve()}/",
         f"  metrics         {metrics_path.resolve()}",
     ]
     for key in ("prompt_fidelity", "r_precision", "clip_score_eval", "clip_score_train", "fd_clip"):
         if key in metrics:
-            lines.append(f"    {key:16s} {metrics[key]:.4f}")
-    chance = metrics.get("protocol", {}).get("metrics", {}).get("prompt_fidelity", {})
-    if chance:
-        lines.append(f"    prompt_fidelity protocol: {json.dumps(chance)[:300]}")
-    if latest:
-        tagged = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
-        lines.append(f"  model           {name} v{latest.version} (aliases: {tagged})")
-        lines.append(f"  gate            {latest.tags.get('gate_decision', '')}")
-        lines.append(f"  serve it        MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001")
+            lines.append(f"    {key:16s} {metrics[key]:.4g}")
+    if cfg.mlflow.champion_alias in aliases:
+        serve = f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001"
+        lines.append(f"  serve it        {serve}")
     from galip.redact import redact
 
     print(redact("\n".join(lines)))  # a tracking URI from the environment may hold a password

@@ -242,6 +242,7 @@ TINY_DEMO = {
     "model": {"ngf": 8, "ndf": 8, "code_channels": 8, "code_mid_channels": 8, "mapper_blocks": 1},
     "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 3},
     "eval": {"n_samples": 20, "batch_size": 10, "r_precision_candidates": 10, "grid_n": 2},
+    "mlflow": {"gate_bar": 0.0},  # a 6-step model scores 0: let it pass the bar, so the run shows a promotion
 }
 
 
@@ -271,26 +272,33 @@ def tiny_project(tmp_path) -> Path:
     return make_tiny_project(tmp_path / "project")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_script(env: dict[str, str], *functions: str, cwd: Path = REPO, timeout: float = 300) -> _subprocess.CompletedProcess:
+    """Call functions of scripts/prefect-local.sh, the project's own server/worker management (`make demo/ui/stop`)."""
+    command = "source scripts/prefect-local.sh && " + " && ".join(functions)
+    return _subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """A Prefect server (own PREFECT_HOME, SQLite) and a process worker for pool galip-local, both on
-    loopback; yields the environment a Prefect CLI call needs."""
+    """The local Prefect server and process worker as `make demo` starts them (scripts/prefect-local.sh),
+    with their own PREFECT_HOME and free loopback ports; yields the environment a Prefect CLI call needs."""
     home = tmp_path_factory.mktemp("prefect_home")
     port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "false"}
-    server = start_process([venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", {**env, "PREFECT_API_URL": ""})
-    worker = None
+    env = {
+        **_os.environ, **TELEMETRY_OFF, "PREFECT_HOME": str(home), "PY": _sys.executable, "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "GALIP_PREFECT_PORT": str(port), "GALIP_MLFLOW_PORT": str(free_port()),
+        # where the flow's links point; the MLflow UI itself is started only by tests that need it
+        "GALIP_MLFLOW_UI_URL": f"http://127.0.0.1:{free_port()}",
+    }  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
     try:
-        wait_until(lambda: http_ok(f"{api}/health"), 120, "prefect server", server, home / "server.log")
-        worker = start_process([venv_bin("prefect"), "worker", "start", "--pool", "galip-local", "--type", "process"], home / "worker.log", env)
-        full_env = {**_os.environ, **TELEMETRY_OFF, **env}
-        wait_until(
-            lambda: _subprocess.run([venv_bin("prefect"), "work-pool", "inspect", "galip-local"], env=full_env, capture_output=True, check=False).returncode == 0,
-            90, "work pool galip-local", worker, home / "worker.log",
-        )  # fmt: skip
-        yield {"env": full_env, "worker_log": home / "worker.log", "api": api}
+        up = local_script(env, "prefect_server_up", "prefect_worker_up")
+        logs = "\n".join(p.read_text()[-3000:] for p in home.glob("*.log"))
+        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}\n{logs}"
+        api = f"http://127.0.0.1:{port}/api"
+        yield {"env": {**env, "PREFECT_API_URL": api}, "script_env": env, "worker_log": home / "worker.log", "api": api, "home": home}
     finally:
-        if worker is not None:
-            stop_process(worker)
-        stop_process(server)
+        local_script(env, "prefect_down")

@@ -72,3 +72,15 @@ def test_cli_rejects_before_work_and_dry_run_prints(capsys, tmp_path):
     assert main(["train", "--profile", "demo", "--dry-run", "-S", "train.max_steps=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["max_steps"] == 7 and printed["profile"] == "demo"
+
+
+def test_gate_settings_are_checked_before_any_work():
+    from galip.registry import check_gate_metric
+
+    with pytest.raises(ConfigError, match="mlflow.gate_bar"):
+        load_config("params.yaml", ["mlflow.gate_bar=.inf"], profile="demo")
+    with pytest.raises(ConfigError, match="mlflow.gate_metric: 'prompt_fidelty' is not reported by eval.metrics"):
+        check_gate_metric(load_config("params.yaml", ["mlflow.gate_metric=prompt_fidelty"], profile="demo"))
+    for metric in ("prompt_fidelity", "prompt_fidelity_colour", "clip_score_eval", "r_precision"):
+        check_gate_metric(load_config("params.yaml", [f"mlflow.gate_metric={metric}"], profile="demo"))
+    check_gate_metric(load_config("params.yaml", [], profile="cc12m"))

@@ -1,90 +1,216 @@
-"""The Prefect flow through the CLI, on real servers: a local Prefect server + process worker, the
-demo deployment from prefect.yaml run with `prefect deployment run galip-train/demo --watch` on tiny
-params (stages through `dvc repro`, MLflow on SQLite in the project), and the cc12m deployment failing
-fast here with a message naming what is missing."""
+"""The Prefect flow through the CLI, on real servers: the local Prefect server + process worker started by
+scripts/prefect-local.sh (as `make demo` does), the demo deployment from prefect.yaml run with
+`prefect deployment run galip-train/demo --watch` on tiny params (stages through `dvc repro`, MLflow on
+SQLite in the project), what the two UIs show of it, a run killed with its worker and server, and the
+cc12m deployment failing fast here with a message naming what is missing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
-from conftest import venv_bin
+from conftest import http_ok, local_script, venv_bin
 
 pytestmark = pytest.mark.slow
+
+CHAIN = {
+    "preflight": set(),
+    "download": {"preflight"},
+    "data-report": {"download"},
+    "train-clip": {"data-report"},
+    "train": {"train-clip"},
+    "evaluate": {"train"},
+    "register": {"evaluate"},
+}
+# Sections the demo's stages read: the only params a run may log (the full config is an artifact).
+RUN_PARAM_SECTIONS = ("data.", "model.", "train.", "eval.", "clip_pretrain.", "mlflow.", "flow.")
 
 
 def prefect(project: Path, server: dict, *args: str, timeout: float = 480) -> subprocess.CompletedProcess:
     return subprocess.run([venv_bin("prefect"), *args], cwd=project, env=server["env"], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def flow_run_message(server: dict, deployment: str) -> tuple[str, str]:
-    """(state name, state message) of the latest flow run of galip-train/<deployment>."""
-    import asyncio
-
+def with_client(call) -> Any:
+    """Run ``call(client)`` against the server PREFECT_API_URL names."""
     from prefect.client.orchestration import get_client
+
+    async def run():
+        async with get_client() as client:
+            return await call(client)
+
+    return asyncio.run(run())
+
+
+def latest_flow_run(deployment: str):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    async def latest():
-        async with get_client() as client:
-            runs = await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])), sort=FlowRunSort.START_TIME_DESC, limit=1
-            )
-            return runs[0].state.name, runs[0].state.message or ""
+    async def latest(client):
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
+        return runs[0]
 
-    return asyncio.run(latest())
-
-
-def read_artifact_keys(server: dict) -> set[str]:
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-
-    async def keys():
-        async with get_client() as client:
-            return {a.key for a in await client.read_artifacts() if a.key}
-
-    return asyncio.run(keys())
+    return with_client(latest)
 
 
-def test_demo_deployment_runs_end_to_end_and_cc12m_fails_fast(prefect_server, tiny_project, monkeypatch):
+def task_parents(flow_run_id) -> dict[str, set[str]]:
+    """Task name -> names of the task runs it waited for or took data from: the edges of the run graph."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read(client):
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    runs = with_client(read)
+    names = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
+    return {
+        names[r.id]: {names[i.id] for inputs in r.task_inputs.values() for i in inputs if getattr(i, "input_type", "") == "task_run"} for r in runs
+    }
+
+
+def read_artifacts() -> dict[str, Any]:
+    async def read(client):
+        return {a.key: a for a in await client.read_artifacts() if a.key}
+
+    return with_client(read)
+
+
+def ui_settings(api: str) -> dict[str, Any]:
+    with urllib.request.urlopen(api.removesuffix("/api") + "/ui-settings", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_for_process(needles: tuple[str, ...], timeout: float) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            if all(n in " ".join(p.info["cmdline"] or []) for n in needles):
+                return p
+        time.sleep(1)
+    raise TimeoutError(f"no process with {needles} after {timeout} s")
+
+
+def check_mlflow_run(mlrun, client, flow_run, server: dict) -> None:
+    """What the MLflow UI shows of the run: bounded params, dataset, links, source, images per step."""
+    params = mlrun.data.params
+    assert params["train.max_steps"] == "6" and mlrun.data.tags["data.manifest_hash"]
+    assert not [k for k in params if not k.startswith(RUN_PARAM_SECTIONS) and k not in ("profile", "world_size")], "only the stages' sections"
+    assert len(params) <= 100
+    assert "kube:" in Path(client.download_artifacts(mlrun.info.run_id, "config/resolved.yaml")).read_text(), "the full config is an artifact"
+    (dataset_input,) = mlrun.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == mlrun.data.tags["data.manifest_hash"]
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
+    tags = mlrun.data.tags
+    ui = server["api"].removesuffix("/api")
+    assert tags["prefect.flow_run_url"] == f"{ui}/flow-runs/flow-run/{flow_run.id}"
+    assert tags["prefect.flow_run_url"] in tags["mlflow.note.content"], "the run's description links back to Prefect"
+    assert tags["mlflow.source.name"].startswith("galip-train") and mlrun.info.run_name.startswith("galip-train/demo")
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    images = [f.path for f in client.list_artifacts(mlrun.info.run_id, "images")]
+    for step in (3, 6):
+        assert any(f"samples+step+{step}+" in p for p in images), (step, images)
+
+
+def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fails_fast(prefect_server, tiny_project, monkeypatch):
     from mlflow import MlflowClient
 
+    server = prefect_server
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
-        monkeypatch.setenv(k, prefect_server["env"][k])
-    deployed = prefect(tiny_project, prefect_server, "--no-prompt", "deploy", "--name", "demo")
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        monkeypatch.setenv(k, server["env"][k])
+    # The UI the project's script serves knows the API it runs with (not "Can't connect to Server API at .").
+    assert ui_settings(server["api"])["api_url"] == server["api"] and http_ok(server["api"] + "/health")
+    with urllib.request.urlopen(server["api"].removesuffix("/api") + "/", timeout=10) as r:
+        assert b"<html" in r.read().lower()
 
-    run = prefect(tiny_project, prefect_server, "deployment", "run", "galip-train/demo", "--watch", "--watch-interval", "2")
-    log = prefect_server["worker_log"].read_text()
+    deployed = prefect(tiny_project, server, "--no-prompt", "deploy", "--name", "demo")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    run = prefect(tiny_project, server, "deployment", "run", "galip-train/demo", "--watch", "--watch-interval", "2")
+    log = server["worker_log"].read_text()
     assert run.returncode == 0, run.stdout[-2000:] + log[-6000:]
-    # stage logs streamed into the run log (torchrun's own output included)
-    for line in ("[download] dvc repro --single-item download", "[clip] done in", "[train] > torchrun", "[evaluate] done in", "gate: no champion yet"):
+    # stage logs streamed into the run log (torchrun's own output included), without the CLIP model printout
+    for line in ("[download] dvc repro --single-item download", "[clip] done in", "[train] > torchrun", "[evaluate] done in", "becomes champion"):
         assert line in log, line
-    assert {"data-report", "metrics", "mlflow-run", "sample-grid"} <= read_artifact_keys(prefect_server)
+    clip_lines = [line for line in log.splitlines() if "[clip]" in line]
+    assert len(clip_lines) < 40 and not any("Params:" in line or "Transformer(" in line for line in clip_lines), clip_lines[:60]
+    assert "git add dvc.lock" not in log
+
+    worker = psutil.Process(int((server["home"] / "worker.pid").read_text()))
+    _, alive = psutil.wait_procs(worker.children(recursive=True), timeout=30)
+    assert not alive, f"processes of the finished run left: {[p.cmdline() for p in alive]}"
+    flow_run = latest_flow_run("demo")
+    assert task_parents(flow_run.id) == CHAIN, "the flow-run graph draws the stage chain"
+    artifacts = read_artifacts()
+    assert {"data-report", "metrics", "mlflow-run", "sample-grid", "training-samples", "gate"} <= set(artifacts)
+    for key in ("sample-grid", "training-samples"):
+        assert "](data:image/jpeg;base64," in artifacts[key].data, f"{key}: the image itself is in the artifact"
+    assert f"]({server['env']['GALIP_MLFLOW_UI_URL']}/#/experiments/" in artifacts["mlflow-run"].data, "the MLflow UI's real address"
 
     client = MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("galip", "champion")
     assert str(client.get_model_version_by_alias("galip", "challenger").version) == str(version.version) == "1"
+    assert client.get_logged_model(version.source.removeprefix("models:/")).name == "galip"
+    # Rule and decision in the version's description (rendered as markdown by the MLflow UI) and in Prefect.
+    assert "`prompt_fidelity` is at least 0 (`mlflow.gate_bar`)" in version.description
+    assert "**Decision**: v1 prompt_fidelity=0 meets the bar (at least 0) and there is no champion yet" in version.description
+    assert version.tags["gate_decision"] in artifacts["gate"].data and flow_run.state.name == "Completed"
     mlrun = client.get_run(version.run_id)
     assert "eval/prompt_fidelity" in mlrun.data.metrics and "loss_g" in mlrun.data.metrics
     assert len(client.get_metric_history(mlrun.info.run_id, "loss_g")) == 6, "per-step losses from the torchrun trainer"
-    assert mlrun.data.params["train.max_steps"] == "6" and mlrun.data.tags["data.manifest_hash"]
-    assert len(mlrun.data.tags["mlflow.source.git.commit"]) == 40
     assert any(k.startswith("system/") for k in mlrun.data.metrics), "system metrics"
+    check_mlflow_run(mlrun, client, flow_run, server)
 
     # The flow went through DVC: dvc.lock agrees with what it produced.
-    status = subprocess.run([venv_bin("dvc"), "status", "evaluate"], cwd=tiny_project, capture_output=True, text=True, env=prefect_server["env"], check=False)
+    status = subprocess.run([venv_bin("dvc"), "status", "evaluate"], cwd=tiny_project, capture_output=True, text=True, env=server["env"], check=False)
     assert "up to date" in status.stdout, status.stdout
 
+    check_killed_run_leaves_nothing(tiny_project, server, client)
+
     # Production deployment on this machine: fails in its preflight within seconds, naming what is missing.
-    assert subprocess.run([venv_bin("python"), "-m", "flows.deploy_local", "galip-local"], cwd=tiny_project, env=prefect_server["env"], capture_output=True, check=False).returncode == 0
+    assert subprocess.run([venv_bin("python"), "-m", "flows.deploy_local", "galip-local"], cwd=tiny_project, env=server["env"], capture_output=True, check=False).returncode == 0
     t0 = time.monotonic()
-    failed = prefect(tiny_project, prefect_server, "deployment", "run", "galip-train/cc12m", "--watch", "--watch-interval", "1", timeout=180)
+    failed = prefect(tiny_project, server, "deployment", "run", "galip-train/cc12m", "--watch", "--watch-interval", "1", timeout=180)
     assert failed.returncode == 1 and time.monotonic() - t0 < 120
-    state, message = flow_run_message(prefect_server, "cc12m")
-    assert state == "Failed"
+    cc12m = latest_flow_run("cc12m")
+    assert cc12m.state.name == "Failed"
     for needle in ("GPUs", "CLIP weights", "data.url_list"):
-        assert needle in message or needle in prefect_server["worker_log"].read_text(), needle
+        assert needle in (cc12m.state.message or "") or needle in server["worker_log"].read_text(), needle
+
+
+def check_killed_run_leaves_nothing(project: Path, server: dict, client) -> None:
+    """Worker and server killed outright mid-training (as a killed `make demo` leaves them): the flow run's
+    processes (engine, torchrun, trainer) stop; when the script brings the server back at the same address,
+    the Prefect run is Crashed and the MLflow run not RUNNING."""
+    from flows.galip_train import REPORT_GRACE_S
+
+    params = {"profile": "demo", "overrides": ["clip_pretrain.enabled=false", "train.out_dir=runs/killed", "train.max_steps=100000"]}
+    started = prefect(project, server, "deployment", "run", "galip-train/demo", "--param", f"params={json.dumps(params)}", timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_for_process(("-u -m galip.train", "runs/killed"), timeout=300)  # the trainer, under torchrun
+    home = server["home"]
+    worker = psutil.Process(int((home / "worker.pid").read_text()))
+    tree = [p for engine in worker.children() for p in (engine, *engine.children(recursive=True))]
+    assert any("prefect.engine" in " ".join(p.cmdline()) for p in tree)
+    for pid_file in ("worker.pid", "server.pid"):
+        os.killpg(int((home / pid_file).read_text()), signal.SIGKILL)
+    _, alive = psutil.wait_procs(tree, timeout=REPORT_GRACE_S + 30)
+    assert not alive, [p.cmdline() for p in alive]
+
+    port = (home / "prefect.port").read_text().strip()
+    # run from the project, as `make ui` would: flows.reap ends the records of runs that lost their process
+    up = local_script(server["script_env"], "prefect_server_up", "prefect_worker_up", cwd=project)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert (home / "prefect.port").read_text().strip() == port and ui_settings(server["api"])["api_url"] == server["api"]
+    killed = latest_flow_run("demo")
+    assert killed.state.name == "Crashed", (killed.state.name, killed.state.message)
+    experiment = client.get_experiment_by_name("galip").experiment_id
+    (mlrun,) = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{killed.id}'")
+    assert mlrun.info.status in ("FAILED", "KILLED")

@@ -14,10 +14,11 @@ from galip.config import load_config
 pytestmark = pytest.mark.slow
 
 
-def gate_config(name: str, direction: str = "higher"):
+def gate_config(name: str, direction: str = "higher", bar: float | None = None):
+    bar = (0.0 if direction == "higher" else 1000.0) if bar is None else bar
     return load_config(
         "params.yaml",
-        [f"mlflow.model_name={name}", "mlflow.gate_metric=prompt_fidelity", f"mlflow.gate_direction={direction}"],
+        [f"mlflow.model_name={name}", "mlflow.gate_metric=prompt_fidelity", f"mlflow.gate_direction={direction}", f"mlflow.gate_bar={bar}"],
         profile="demo",
     )
 
@@ -50,7 +51,7 @@ def test_gate_promotes_a_better_candidate_and_keeps_champion_for_a_worse_one(tra
     better = register_candidate(cfg, tiny_checkpoint, 0.70, tmp_path)
     assert better["promoted"], better["reason"]
     worse = register_candidate(cfg, tiny_checkpoint, 0.60, tmp_path)
-    assert not worse["promoted"] and "does not beat" in worse["reason"] and "champion unchanged" in worse["reason"]
+    assert not worse["promoted"] and "does not beat champion v2 (0.7)" in worse["reason"] and "champion stays v2" in worse["reason"]
 
     assert tracking.get_model_version_by_alias(name, "champion").version == better["version"] == "2"
     assert tracking.get_model_version_by_alias(name, "challenger").version == worse["version"] == "3"
@@ -60,6 +61,21 @@ def test_gate_promotes_a_better_candidate_and_keeps_champion_for_a_worse_one(tra
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="galip-artifacts").get("Contents", [])]
     assert any(k.endswith("artifacts/generator.pt") for k in keys), keys[:20]
     assert any(k.endswith("artifacts/galip-tiny.pt") for k in keys), "the CLIP weights travel with the model"
+
+
+def test_gate_needs_the_bar_and_writes_rule_and_decision_rounded_into_the_description(tracking, tiny_checkpoint, tmp_path):
+    cfg = gate_config(f"galip-bar-{uuid.uuid4().hex[:6]}", bar=1.5)
+    name = cfg.mlflow.model_name
+    low = register_candidate(cfg, tiny_checkpoint, 1.399999976158142, tmp_path)  # a float32 1.4, as metrics.json holds it
+    assert not low["promoted"] and low["champion_version"] is None
+    assert low["reason"] == "v1 prompt_fidelity=1.4 misses the bar (at least 1.5); no champion yet"
+    version = tracking.get_model_version(name, "1")
+    assert version.tags["gate.prompt_fidelity"] == "1.4" and version.tags["gate_decision"] == low["reason"]
+    assert "**Gate rule**: `champion` moves to a new version when its `prompt_fidelity` is at least 1.5 (`mlflow.gate_bar`)" in version.description
+    assert f"**Decision**: {low['reason']}." in version.description and "prompt_fidelity 1.4," in version.description
+    high = register_candidate(cfg, tiny_checkpoint, 2.0, tmp_path)
+    assert high["promoted"] and "meets the bar (at least 1.5) and there is no champion yet: v2 becomes champion" in high["reason"]
+    assert tracking.get_model_version_by_alias(name, "champion").version == "2"
 
 
 def test_gate_lower_is_better_and_manual_champion_without_metric(tracking, tiny_checkpoint, tmp_path):

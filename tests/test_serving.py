@@ -44,7 +44,7 @@ def test_served_champion_answers_a_prompt_with_an_image(mlflow_server, tiny_chec
     name = f"galip-serve-{uuid.uuid4().hex[:6]}"
     cfg = load_config("params.yaml", [f"mlflow.model_name={name}"], profile="demo")
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"prompt_fidelity": 0.4, "protocol": {"checkpoint": str(tiny_checkpoint)}}))
+    metrics.write_text(json.dumps({"prompt_fidelity": 40.0, "protocol": {"checkpoint": str(tiny_checkpoint)}}))
     assert register_from_files(cfg, metrics, None, None)["promoted"]
 
     port = free_port()

@@ -460,7 +460,13 @@ def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, trac
         )
     create_table_artifact([{"metric": k, "value": float(f"{v:.4g}")} for k, v in flat.items()], key="metrics", description=f"evaluation at step {step}")
     get_run_logger().info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
-    return {"metrics": flat, "checkpoint": metrics.get("protocol", {}).get("checkpoint") or checkpoint, "grid": str(grid.resolve())}
+    protocol = metrics.get("protocol", {})
+    chosen = protocol.get("checkpoint") or checkpoint
+    from galip.registry import selection_text
+
+    selection = selection_text(protocol.get("selected_by"), chosen)
+    get_run_logger().info("evaluated %s", selection)
+    return {"metrics": flat, "checkpoint": chosen, "selection": selection, "grid": str(grid.resolve())}
 
 
 @task(name="register")
@@ -476,7 +482,7 @@ def register(params: GalipTrainParams, evaluation: dict[str, Any], mlflow_run_id
     m = cfg.mlflow
     model_uri = registry.log_model(cfg, Path(evaluation["checkpoint"]), mlflow_run_id)
     run_links = {"MLflow run": links.run_url, **({"Prefect flow run": links.flow_run_url} if links.flow_run_url else {})}
-    version, decision = registry.register(cfg, model_uri, mlflow_run_id, evaluation["metrics"], run_links)
+    version, decision = registry.register(cfg, model_uri, mlflow_run_id, evaluation["metrics"], run_links, evaluation.get("selection"))
     version_url = links.model_version_url(m.model_name, version)
     create_markdown_artifact(
         f"# Champion gate: {m.model_name} v{version}\n\n{registry.describe(cfg, decision, evaluation['metrics'], run_links)}\n\n"

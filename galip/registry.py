@@ -246,11 +246,22 @@ def describe(cfg: Config, decision: GateDecision, metrics: dict[str, Any], links
     return "\n".join(lines)
 
 
+def selection_text(selected_by: Any, checkpoint: str | None = None) -> str:
+    """Why this checkpoint was registered, in words (evaluate's protocol.selected_by)."""
+    name = Path(checkpoint).name if checkpoint else "the checkpoint"
+    if isinstance(selected_by, dict):
+        return (f"{name}: the best {selected_by['metric']} ({selected_by['direction']} is better) of the in-training "
+                f"evaluations, {float(selected_by['value']):.4g} at step {selected_by['step']}")
+    return f"{name}: {selected_by or 'given'} (no in-training evaluation picked it)"
+
+
 def register(
-    cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any], links: dict[str, str] | None = None
+    cfg: Config, model_uri: str, run_id: str, metrics: dict[str, Any], links: dict[str, str] | None = None,
+    selection: str | None = None,
 ) -> tuple[str, GateDecision]:
     """Register ``model_uri``, tag it with its metrics, alias it challenger, run the champion gate and
-    write rule and decision into the version's description (``links``: text -> URL, e.g. the flow run)."""
+    write rule and decision into the version's description (``links``: text -> URL, e.g. the flow run;
+    ``selection``: why this checkpoint, see selection_text)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -262,6 +273,8 @@ def register(
         if isinstance(value, (int, float)):
             client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, f"{float(value):.6g}")
     client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
+    if selection:
+        client.set_model_version_tag(m.model_name, version, "checkpoint_selection", selection)
     for key, value in client.get_run(run_id).data.tags.items():
         if key.startswith(ORIGIN_TAG_PREFIX):  # set by log_model for imported weights
             client.set_model_version_tag(m.model_name, version, key, value)
@@ -269,7 +282,10 @@ def register(
     raw = metrics.get(m.gate_metric)
     decision = gate(cfg, str(version), float(raw) if isinstance(raw, (int, float)) else None)
     client.set_model_version_tag(m.model_name, version, "gate_decision", decision.reason)
-    client.update_model_version(m.model_name, version, description=describe(cfg, decision, metrics, links))
+    description = describe(cfg, decision, metrics, links)
+    if selection:
+        description += f"\n\n**Checkpoint**: {selection}"
+    client.update_model_version(m.model_name, version, description=description)
     return str(version), decision
 
 

@@ -30,6 +30,7 @@ step "Prefect API at $PREFECT_API_URL; starting process worker for pool $GALIP_P
 step "deploying galip-train/demo (prefect.yaml) and galip-train/cc12m (local stand-in)"
 "$BIN/prefect" --no-prompt deploy --name demo >"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
 "$PY" -m flows.deploy_local "$GALIP_POOL" >>"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
+LOG_START=$(wc -l <"$PREFECT_HOME/worker.log" 2>/dev/null || echo 0)
 step "running galip-train/demo (full stage logs: Prefect UI, or $PREFECT_HOME/worker.log)"
 "$BIN/prefect" deployment run galip-train/demo --watch --watch-interval 5 >"$PREFECT_HOME/demo-run.log" 2>&1 &
 RUN_PID=$!
@@ -46,6 +47,10 @@ RUN_PID=""
 sleep 1; kill "$TAIL_PID" 2>/dev/null || true; TAIL_PID=""
 if ((rc != 0)); then tail -n 40 "$PREFECT_HOME/demo-run.log"; step "flow run failed (exit $rc); worker log: $PREFECT_HOME/worker.log"; exit "$rc"; fi
 step "flow run finished"
+step "machine figure: 20 demo train steps (bench/train_step.py), so times from other machines compare"
+FIGURE=$("$PY" bench/train_step.py --profile demo --iters 20 --warmup 3 2>/dev/null | tail -n1)
+mkdir -p runs/demo
+"$PY" scripts/demo_timing.py "$PREFECT_HOME/worker.log" "$LOG_START" "$((SECONDS - T0))" "$FIGURE" >runs/demo/demo_timing.json
 if [[ "${KEEP:-0}" == 1 ]]; then step "starting the MLflow UI (KEEP=1)"; mlflow_ui_up; fi
 state=stopped; [[ "$STARTED" == *server* ]] || state=running; [[ "${KEEP:-0}" == 1 ]] && state=kept
 "$PY" scripts/demo_summary.py "$PREFECT_UI_URL" "$GALIP_MLFLOW_UI_URL" "$state" \

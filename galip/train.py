@@ -572,7 +572,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         cfg.data, trainer.clip.tokenizer, t.batch_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
         plan=StreamPlan(trainer.step, t.ckpt_every, t.grad_accum),
     )
-    evaluator, best, eval_log = None, None, None
+    evaluator, best, eval_log, evaluated_at = None, None, None, trainer.step
     if env.is_main and t.eval_every:
         from .evaluate import TrainingEvaluator
 
@@ -615,7 +615,10 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
             if path is not None:
                 _publish(cfg, path, uploads)
                 result["checkpoint"] = str(path)
-            if evaluator is not None and path is not None and (step % t.eval_every == 0 or last):
+            # The best checkpoint is what the flow registers, so evaluations run on checkpoint steps: the
+            # first one at or after each eval_every boundary, and the last.
+            if evaluator is not None and path is not None and (step // t.eval_every > evaluated_at // t.eval_every or last):
+                evaluated_at = step
                 scores = evaluator(trainer.sampler)
                 eval_log.write({"step": step, **{k: round(v, 4) for k, v in scores.items()}})
                 tracker.log_metrics(scores, step)

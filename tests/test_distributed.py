@@ -40,7 +40,7 @@ def _train_cmd(tmp: Path, shards: Path, *extra: str, restarts: int = 0) -> list[
         "-S", f"train.out_dir={tmp}", "-S", "train.batch_size=2", "-S", "train.sample_every=1000",
         "-S", "train.log_every=1", "-S", "train.keep_checkpoints=20",
         "-S", "model.ngf=8", "-S", "model.ndf=8", "-S", "model.code_channels=8",
-        "-S", "model.code_mid_channels=8", "-S", "model.mapper_blocks=1", *extra,
+        "-S", "model.code_mid_channels=8", "-S", "model.mapper_blocks=1", "-S", "train.eval_every=0", *extra,
     ]
 
 

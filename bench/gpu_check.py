@@ -396,7 +396,7 @@ def section_ddp(args: argparse.Namespace, device: torch.device, tmp: Path, nproc
         "-S", "model.clip_pretrained=", "-S", f"data.shards_dir={shards}", "-S", "data.workers=2",
         "-S", f"train.device={'cuda' if device.type == 'cuda' else 'cpu'}", "-S", f"train.batch_size={batch}",
         "-S", f"train.max_steps={steps}", "-S", "train.ckpt_every=3", "-S", "train.log_every=3",
-        "-S", "train.sample_every=1000", "-S", f"train.out_dir={out_dir}",
+        "-S", "train.sample_every=1000", "-S", f"train.out_dir={out_dir}", "-S", "train.eval_every=0",
     ]
     if args.profile == "cc12m":
         cmd += ["-S", "data.load_size=288", "-S", "data.crop_size=256"]

@@ -38,6 +38,8 @@ class GalipGroup(TyperGroup):
             handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
             handler.addFilter(RedactFilter())
+            # Warnings only, also when a library lowers the root level later (open_clip_train sets INFO).
+            handler.setLevel(logging.WARNING)
             logging.basicConfig(level=logging.WARNING, handlers=[handler])
         try:
             return super().invoke(ctx)

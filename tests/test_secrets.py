@@ -95,6 +95,7 @@ def test_no_password_or_secret_key_reaches_any_store(prefect_server, mlflow_serv
         assert password not in text, f"the tracking password is in the {where}"
         assert secret_key not in text, f"the secret key is in the {where}"
     # the scans saw the real thing: the run's MLflow link was logged and stored, with the password masked
-    assert f"galip:***@{host}" in api and "MLflow run" in api
+    # (the link itself points at the MLflow UI address, GALIP_MLFLOW_UI_URL, which holds no credentials)
+    assert "MLflow run" in api
     assert f"galip:***@{dead}" in api, "the failed run's state message, masked"
     assert f"galip:***@{dead}" in failed.stdout + failed.stderr

@@ -73,6 +73,8 @@ def trainer_args(cfg: Config, shards: list[str], num_samples: int, logs: Path, n
         "--warmup", str(c.warmup),
         "--workers", str(c.workers),
         "--precision", "fp32",
+        # Captions state position and size: a random crop or aspect change would contradict them.
+        "--aug-cfg", "scale=(1.0,1.0)",  # the full image (at scale 1 the aspect jitter has no room)
         "--seed", str(c.seed),
         "--logs", str(logs),
         "--name", name,
@@ -101,8 +103,31 @@ def _write_state_dict(src: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
+    """How well the trained CLIP separates each demo attribute (``galip.clip_probe``), as GALIP will load it."""
+    from .clip import load_clip
+    from .clip_probe import attribute_separation
+
+    clip = load_clip(cfg.model.clip_model, str(checkpoint), pixel_norm=cfg.model.pixel_norm)
+    c = cfg.clip_pretrain
+    return attribute_separation(clip, n=c.separation_samples, seed=c.seed, image_size=cfg.model.image_size)
+
+
+def report(cfg: Config, result: dict[str, Any]) -> None:
+    """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
+    from .clip_probe import flat_metrics
+    from .evaluate import write_json_atomic
+    from .tracking import Tracker
+
+    path = Path(cfg.clip_pretrain.report_path)
+    write_json_atomic(path, result)
+    tracker = Tracker(enabled=True)
+    tracker.log_metrics({f"clip/{k}": v for k, v in flat_metrics(result["separation"]).items()} | {"clip/wall_s": result["wall_s"]})
+    tracker.log_artifact(path, "clip")
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path and timing."""
+    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path, timing and separation."""
     from open_clip_train.main import main as open_clip_train_main
 
     from .clip import register_project_model_configs
@@ -126,7 +151,7 @@ def run(cfg: Config) -> dict[str, Any]:
         final_log = (logs / name / "out.log").read_text().strip().splitlines()[-1:]
     finally:
         shutil.rmtree(logs, ignore_errors=True)
-    return {
+    result = {
         "checkpoint": str(out),
         "model": cfg.model.clip_model,
         "samples": num_samples,
@@ -134,3 +159,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - t0, 1),
         "last_log": final_log[0] if final_log else "",
     }
+    t1 = time.perf_counter()
+    result["separation"] = measure_separation(cfg, out)
+    result["separation_s"] = round(time.perf_counter() - t1, 1)
+    report(cfg, result)
+    return result

@@ -52,14 +52,11 @@ def run(
     device: str = "auto",
     batch_size: int = 64,
 ) -> Path:
-    from torchvision.utils import save_image
+    from .grid import save_labelled_grid
 
     if not prompts:
         raise ValueError("give at least one --prompt")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     net_g, clip, _ = load_generator(checkpoint, dev)
     images = generate_images(net_g, clip, prompts, n, seed, interpolate, batch_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=n, normalize=True, value_range=(-1, 1))  # one row per prompt
-    return out
+    return save_labelled_grid(images, list(prompts), out, n_per_row=n)  # one row per prompt

@@ -254,3 +254,47 @@ def test_unstated_attributes_are_not_scored():
     assert attribute_matches(decoded, Wanted()) == {
         "shape": True, "colour": False, "position": None, "size": None, "count": True
     }
+
+
+def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low():
+    """The split bookkeeping on a perfect 'generator' (the renderer itself) and on noise."""
+    pytest.importorskip("galip.demo_data")
+    from galip import demo_data
+    from galip.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
+
+    decoder, _ = checked_decoder(64)
+    prompts = demo_data.demo_prompts(seed=2, n=60)
+    rng = np.random.default_rng(0)
+    rendered = np.stack([np.asarray(demo_data.render_scene(a, 64, rng).convert("RGB")) for _, a in prompts])
+    for images, low, high in ((rendered, 90, 100), (rng.integers(0, 256, rendered.shape, dtype=np.uint8), 0, 40)):
+        scores = score_images(decoder, images, [a for _, a in prompts])
+        assert set(scores) == set(result_keys()[1:])
+        assert len(scores["prompt_fidelity_held_in"]) == len(scores["prompt_fidelity_held_out"]) == 30
+        means = {k: float(np.mean(v)) for k, v in scores.items()}
+        assert low <= summary_score(means) <= high, means
+
+
+def test_quick_prompt_fidelity_runs_in_process_on_a_generator():
+    """What the trainer calls every train.eval_every steps: same keys as `galip evaluate`, seconds on CPU."""
+    import time
+
+    from galip.clip import load_clip
+    from galip.config import load_config
+    from galip.demo_data import demo_prompts
+    from galip.metrics.prompt_fidelity import checked_decoder, quick_prompt_fidelity, result_keys
+    from galip.models import build_nets
+
+    cfg = load_config("params.yaml", ["model.ngf=8", "model.ndf=8", "model.code_channels=8", "model.code_mid_channels=8", "model.mapper_blocks=1"], profile="demo")
+    torch.manual_seed(0)
+    clip = load_clip("galip-tiny", "", cfg.model.feature_blocks, cfg.model.prompt_blocks, "standard")
+    net_g, _, _ = build_nets(cfg.model, clip)
+    net_g.train()
+    checked_decoder(64)  # calibration is cached per image size: the trainer pays it once
+    prompts = demo_prompts(seed=0, n=40)
+    t0 = time.perf_counter()
+    a = quick_prompt_fidelity(net_g, clip, prompts, seed=1, device="cpu")
+    assert time.perf_counter() - t0 < 20
+    assert list(a) == result_keys() and all(0 <= v <= 100 for v in a.values())
+    assert a["prompt_fidelity"] < 50  # an untrained generator draws no scenes
+    assert net_g.training  # left in the mode it was in
+    assert quick_prompt_fidelity(net_g, clip, prompts, seed=1, device="cpu") == a  # fixed latents: comparable calls

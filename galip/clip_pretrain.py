@@ -7,7 +7,9 @@ CPU demo, so the demo first fits its tiny CLIP (``model.clip_model: galip-tiny``
 The result is a plain open_clip state_dict at ``clip_pretrain.out_path``, loadable with
 ``open_clip.create_model(name, pretrained=out_path)``, i.e. ``-S model.clip_pretrained=<out_path>``.
 open_clip_train runs in-process so it sees the project's model configs (registered at import time of
-this step, not of the package).
+this step, not of the package). After training, the stage measures how well the CLIP separates each
+demo attribute (``galip.clip_probe``) and writes it with the timing to ``clip_pretrain.report_path``
+(DVC metrics) and, under a flow (``MLFLOW_RUN_ID``), to MLflow as ``clip/sep_*`` metrics.
 """
 
 from __future__ import annotations

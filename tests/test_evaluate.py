@@ -91,8 +91,8 @@ def test_cli_writes_metrics_and_grid_and_reuses_reference_stats(trained, shards,
     assert Path(fd["reference_stats"]).is_file() and Path(fd["reference_stats"]).parent == tmp / "ref_stats"
     assert p["metrics"]["r_precision"]["candidates"] >= 2
 
-    with Image.open(out / "samples.png") as grid:  # prompt text + 3 columns, 4 fixed prompts of 64 px (+ padding)
-        assert grid.size[0] > 3 * 64 + 120 and grid.size[1] == 4 * 66 + 2
+    with Image.open(out / "samples.png") as grid:  # prompt text + 3 columns, one row of 64 px per fixed prompt (+ padding)
+        assert grid.size[0] > 3 * 64 + 120 and grid.size[1] == len(cfg.train.sample_prompts) * 66 + 2
 
     assert main(cli_args(opts)) == 0
     again = json.loads((out / "metrics.json").read_text())

@@ -7,7 +7,9 @@ CPU demo, so the demo first fits its tiny CLIP (``model.clip_model: galip-tiny``
 The result is a plain open_clip state_dict at ``clip_pretrain.out_path``, loadable with
 ``open_clip.create_model(name, pretrained=out_path)``, i.e. ``-S model.clip_pretrained=<out_path>``.
 open_clip_train runs in-process so it sees the project's model configs (registered at import time of
-this step, not of the package).
+this step, not of the package). After training, the stage measures how well the CLIP separates each
+demo attribute (``galip.clip_probe``) and writes it with the timing to ``clip_pretrain.report_path``
+(DVC metrics) and, under a flow (``MLFLOW_RUN_ID``), to MLflow as ``clip/sep_*`` metrics.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def trainer_args(cfg: Config, shards: list[str], num_samples: int, logs: Path, n
         "--warmup", str(c.warmup),
         "--workers", str(c.workers),
         "--precision", "fp32",
+        # Captions state position and size: a random crop or aspect change would contradict them.
+        "--aug-cfg", "scale=(1.0,1.0)",  # the full image (at scale 1 the aspect jitter has no room)
         "--seed", str(c.seed),
         "--logs", str(logs),
         "--name", name,
@@ -134,8 +138,31 @@ def _write_state_dict(src: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
+    """How well the trained CLIP separates each demo attribute (``galip.clip_probe``), as GALIP will load it."""
+    from .clip import load_clip
+    from .clip_probe import attribute_separation
+
+    clip = load_clip(cfg.model.clip_model, str(checkpoint), pixel_norm=cfg.model.pixel_norm)
+    c = cfg.clip_pretrain
+    return attribute_separation(clip, n=c.separation_samples, seed=c.seed, image_size=cfg.model.image_size)
+
+
+def report(cfg: Config, result: dict[str, Any]) -> None:
+    """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
+    from .clip_probe import flat_metrics
+    from .evaluate import write_json_atomic
+    from .tracking import Tracker
+
+    path = Path(cfg.clip_pretrain.report_path)
+    write_json_atomic(path, result)
+    tracker = Tracker(enabled=True)
+    tracker.log_metrics({f"clip/{k}": v for k, v in flat_metrics(result["separation"]).items()} | {"clip/wall_s": result["wall_s"]})
+    tracker.log_artifact(path, "clip")
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path and timing."""
+    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path, timing and separation."""
     from open_clip_train.main import main as open_clip_train_main
 
     from .clip import register_project_model_configs
@@ -162,7 +189,7 @@ def run(cfg: Config) -> dict[str, Any]:
         final_log = trainer_log.read_text().strip().splitlines()[-1:]
     finally:
         shutil.rmtree(logs, ignore_errors=True)
-    return {
+    result = {
         "checkpoint": str(out),
         "model": cfg.model.clip_model,
         "samples": num_samples,
@@ -171,3 +198,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "last_log": final_log[0] if final_log else "",
         "trainer_log": str(trainer_log),
     }
+    t1 = time.perf_counter()
+    result["separation"] = measure_separation(cfg, out)
+    result["separation_s"] = round(time.perf_counter() - t1, 1)
+    report(cfg, result)
+    return result

@@ -163,8 +163,8 @@ class EvalConfig(_Section):
     metrics: tuple[str, ...] = ("fid", "fd_clip", "clip_score")
     seed: int = 0
     device: str = "auto"
-    prompt_source: Literal["reference", "demo_held_out"] = Field(
-        "reference", description="captions of the reference set, or the demo's held-out procedural prompts"
+    prompt_source: Literal["reference", "demo"] = Field(
+        "reference", description="captions of the reference set, or the demo's procedural prompts (half held-in, half held-out pairs)"
     )
     ref_shards: str = Field("", description="reference set (dir, brace pattern of .tar); '' = the training shards")
     ref_samples: int = Field(0, ge=0, description="reference images for FID/FD statistics; 0 = n_samples")
@@ -243,6 +243,8 @@ class ClipPretrainConfig(_Section):
     warmup: int = Field(30, ge=0, description="warm-up steps")
     workers: int = Field(1, ge=0)
     seed: int = 0
+    report_path: str = Field("runs/demo/clip/report.json", description="timing and per-attribute separation (galip.clip_probe)")
+    separation_samples: int = Field(200, gt=0, description="rendered scenes per split for the separation measurement")
 
 
 class MlflowConfig(_Section):

@@ -102,20 +102,46 @@ def render_scene(attrs: SceneAttributes, image_size: int, rng: np.random.Generat
     return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
-def caption_for(attrs: SceneAttributes, rng: np.random.Generator) -> str:
-    def pick(options: tuple[str, ...]) -> str:
-        return options[rng.integers(len(options))]
+@dataclass(frozen=True)
+class Wording:
+    """Which phrasing a caption uses: template and word indices (taken modulo each value's options)."""
+
+    template: int = 0
+    count: int = 0
+    size: int = 0
+    position: int = 0
+
+
+def caption_with(attrs: SceneAttributes, wording: Wording) -> str:
+    """The caption of ``attrs`` in ``wording``: captions that differ in one attribute keep the rest verbatim."""
+
+    def pick(options: tuple[str, ...], i: int) -> str:
+        return options[i % len(options)]
 
     shape = attrs.shape + ("s" if attrs.count > 1 else "")
-    template = pick(_TEMPLATES)
-    text = template.format(
-        count=pick(_COUNT_WORDS[attrs.count]),
-        size=pick(_SIZE_WORDS[attrs.size]),
+    text = pick(_TEMPLATES, wording.template).format(
+        count=pick(_COUNT_WORDS[attrs.count], wording.count),
+        size=pick(_SIZE_WORDS[attrs.size], wording.size),
         colour=attrs.colour,
         shape=shape,
-        position=pick(_POSITION_WORDS[attrs.position]),
+        position=pick(_POSITION_WORDS[attrs.position], wording.position),
     )
     return text.replace("there is two", "there are two")
+
+
+def random_wording(attrs: SceneAttributes, rng: np.random.Generator) -> Wording:
+    # The draw order (template, count, size, position) is the data set's: changing it changes every caption.
+    return Wording(
+        template=int(rng.integers(len(_TEMPLATES))),
+        count=int(rng.integers(len(_COUNT_WORDS[attrs.count]))),
+        size=int(rng.integers(len(_SIZE_WORDS[attrs.size]))),
+        position=int(rng.integers(len(_POSITION_WORDS[attrs.position]))),
+    )
+
+
+def caption_for(attrs: SceneAttributes, rng: np.random.Generator) -> str:
+    """A caption of ``attrs`` in a random wording."""
+    return caption_with(attrs, random_wording(attrs, rng))
 
 
 def _lookup(text: str, table: dict, what: str):
@@ -144,14 +170,30 @@ def parse_caption(caption: str) -> SceneAttributes:
     )
 
 
-def held_out_prompts(seed: int, n: int) -> list[tuple[str, SceneAttributes]]:
-    """``n`` prompts whose colour+shape pair never occurs in the training split."""
+def split_prompts(seed: int, n: int, held_out: bool) -> list[tuple[str, SceneAttributes]]:
+    """``n`` prompts from one split: held-out colour+shape pairs (never in training) or held-in ones."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        attrs = sample_attributes(rng, held_out=True)
+        attrs = sample_attributes(rng, held_out=held_out)
         out.append((caption_for(attrs, rng), attrs))
     return out
+
+
+def held_out_prompts(seed: int, n: int) -> list[tuple[str, SceneAttributes]]:
+    """``n`` prompts whose colour+shape pair never occurs in the training split."""
+    return split_prompts(seed, n, held_out=True)
+
+
+def held_in_prompts(seed: int, n: int) -> list[tuple[str, SceneAttributes]]:
+    """``n`` prompts whose colour+shape pair occurs in training (the combination, not necessarily the caption)."""
+    return split_prompts(seed, n, held_out=False)
+
+
+def demo_prompts(seed: int, n: int) -> list[tuple[str, SceneAttributes]]:
+    """``n`` evaluation prompts alternating held-in and held-out (so any prefix covers both splits)."""
+    held_in, held_out = held_in_prompts(seed, (n + 1) // 2), held_out_prompts(seed, n // 2)
+    return [p for pair in zip(held_in, held_out) for p in pair] + held_in[len(held_out) :]
 
 
 # Deliberately broken entries for failure accounting: (relative url, what the server returns).

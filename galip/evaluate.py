@@ -79,10 +79,10 @@ def load_eval_clip(ecfg: EvalConfig) -> FrozenCLIP:
 def eval_prompts(cfg: Config) -> tuple[list[str], list[Any] | None]:
     """``eval.n_samples`` prompts (and demo attributes when the source has them), the same on every rank."""
     n = cfg.eval.n_samples
-    if cfg.eval.prompt_source == "demo_held_out":
-        from .demo_data import held_out_prompts
+    if cfg.eval.prompt_source == "demo":
+        from .demo_data import demo_prompts
 
-        pairs = held_out_prompts(cfg.eval.seed, n)
+        pairs = demo_prompts(cfg.eval.seed, n)
         return [caption for caption, _ in pairs], [attrs for _, attrs in pairs]
     from .metrics.reference import list_shards, reference_captions, reference_spec
 
@@ -118,9 +118,9 @@ def run(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, Any]:
 
 
 def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, Any]:
+    from .grid import save_labelled_grid
     from .metrics import EvalContext
     from .metrics.reference import ReferenceStats
-    from .train import save_grid
 
     e = cfg.eval
     path = resolve_checkpoint(cfg, checkpoint)
@@ -156,9 +156,10 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
     }
     if env.is_main:
         out_dir = Path(e.out_dir)
-        # One row per fixed prompt, the same latents in every row: comparable across checkpoints.
-        grid = generate_images(net_g, train_clip, list(cfg.train.sample_prompts), n=e.grid_n, seed=e.seed)
-        save_grid(grid, out_dir / GRID_FILE, nrow=e.grid_n)
+        # One row per fixed prompt, written beside it; the same latents in every row: comparable across checkpoints.
+        prompts = list(cfg.train.sample_prompts)
+        grid = generate_images(net_g, train_clip, prompts, n=e.grid_n, seed=e.seed)
+        save_labelled_grid(grid, prompts, out_dir / GRID_FILE, n_per_row=e.grid_n)
         write_json_atomic(out_dir / METRICS_FILE, results)
         log.info("wrote %s", out_dir / METRICS_FILE)
     barrier(env)

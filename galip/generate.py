@@ -95,13 +95,10 @@ def run(
     batch_size: int = 64,
     max_images: int = 1024,
 ) -> Path:
-    from torchvision.utils import save_image
+    from .grid import save_labelled_grid
 
     check_request(prompts, n, max_images)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     net_g, clip, _ = load_generator(checkpoint, dev)
     images = generate_images(net_g, clip, prompts, n, seed, interpolate, batch_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=n, normalize=True, value_range=(-1, 1))  # one row per prompt
-    return out
+    return save_labelled_grid(images, list(prompts), out, n_per_row=n)  # one row per prompt

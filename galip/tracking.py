@@ -93,4 +93,6 @@ class Tracker:
         self._guard("log_image", _log)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self._client is None:
+            return
         self._guard("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)

@@ -41,6 +41,7 @@ from .config import Config, resume_changes
 from .data import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .errors import UserError
+from .grid import save_labelled_grid
 from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .redact import redact
@@ -429,16 +430,6 @@ class TrainLog:
             w.writerow({k: row.get(k, "") for k in self.fields})
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1))
-    tmp.replace(path)
-    return path
-
-
 def _retry(cfg: Config) -> storage.Retry:
     return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s)
 
@@ -583,7 +574,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     if env.is_main and trainer.step == 0:
         # MLflow's image cards open at step 0: show the untrained generator there, not an empty card.
-        grid = save_grid(trainer.sample(list(t.sample_prompts)), out_dir / "samples" / f"step_{0:08d}.png", nrow=4)
+        grid = save_labelled_grid(trainer.sample(list(t.sample_prompts)), t.sample_prompts, out_dir / "samples" / f"step_{0:08d}.png", n_per_row=4)
         tracker.log_image(grid, 0)
     t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
@@ -607,7 +598,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
                 train_log.write({"step": step, **row})
                 tracker.log_metrics(row, step)
         if env.is_main and (step % t.sample_every == 0 or last):
-            grid = save_grid(trainer.sample(list(t.sample_prompts)), out_dir / "samples" / f"step_{step:08d}.png", nrow=4)
+            grid = save_labelled_grid(trainer.sample(list(t.sample_prompts)), t.sample_prompts, out_dir / "samples" / f"step_{step:08d}.png", n_per_row=4)
             tracker.log_image(grid, step)
         if step % t.ckpt_every == 0 or last:
             trainer.check_finite()  # never checkpoint weights that a NaN went through

@@ -238,7 +238,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 TINY_DEMO = {
     "data": {"demo_images": 200, "samples_per_shard": 100},
-    "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2},
+    "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2, "separation_samples": 10},
     "model": {"ngf": 8, "ndf": 8, "code_channels": 8, "code_mid_channels": 8, "mapper_blocks": 1},
     "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 3,
               "eval_every": 3, "eval_samples": 20},  # the in-training evaluation picks the registered checkpoint

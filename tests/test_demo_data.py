@@ -14,7 +14,11 @@ from scipy import ndimage
 from galip import demo_data as dd
 from galip.demo_data import (
     SceneAttributes,
+    Wording,
     caption_for,
+    caption_with,
+    demo_prompts,
+    held_in_prompts,
     held_out_prompts,
     make_demo_dataset,
     parse_caption,
@@ -76,6 +80,31 @@ def test_held_out_pairs_never_appear_in_training(tmp_path):
     # the stored captions parse back to the stored attributes
     for row in rows.itertuples():
         assert parse_caption(row.caption) == SceneAttributes(row.shape, row.colour, row.position, row.size, row.count)
+
+
+def test_evaluation_splits_are_disjoint_and_held_out_pairs_stay_out_of_training(tmp_path):
+    rows = pd.read_parquet(make_demo_dataset(tmp_path, n_images=300, image_size=32, seed=0)["url_list"])
+    train_pairs = set(zip(rows["colour"], rows["shape"]))
+    held = set(dd.HELD_OUT_PAIRS)
+    held_in = {(a.colour, a.shape) for _, a in held_in_prompts(seed=4, n=200)}
+    held_out = {(a.colour, a.shape) for _, a in held_out_prompts(seed=4, n=200)}
+    assert held_in and held_out and not held_in & held_out
+    assert held_in <= train_pairs and held_out == held and not held_out & train_pairs
+    prompts = demo_prompts(seed=4, n=9)
+    assert len(prompts) == 9
+    splits = [(a.colour, a.shape) in held for _, a in prompts]
+    assert splits == [False, True] * 4 + [False]  # alternating: any prefix covers both splits
+    assert all(parse_caption(c) == a for c, a in prompts)
+
+
+def test_captions_in_one_wording_differ_only_in_the_changed_attribute():
+    a = SceneAttributes("square", "red", "left", "small", 1)
+    w = Wording(template=2, count=1, size=2, position=2)
+    assert caption_with(a, w) == "there is one tiny red square on the left side"
+    b = SceneAttributes("square", "red", "left", "small", 2)
+    assert caption_with(b, w) == "there is a pair of tiny red squares on the left side"
+    # caption_for draws a wording from rng: the same captions as before the wording was made explicit
+    assert caption_for(a, np.random.default_rng(0)) == caption_with(a, dd.random_wording(a, np.random.default_rng(0)))
 
 
 def test_generation_is_byte_identical_for_a_seed(tmp_path):

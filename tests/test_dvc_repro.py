@@ -47,6 +47,8 @@ def test_dvc_repro_end_to_end_then_noop_then_experiment(tiny_project):
     metrics = json.loads((tiny_project / "runs/demo/eval/metrics.json").read_text())
     assert {"prompt_fidelity", "r_precision", "fd_clip"} <= set(metrics)
     assert (tiny_project / "runs/demo/clip/galip-tiny.pt").is_file()
+    clip_report = json.loads((tiny_project / "runs/demo/clip/report.json").read_text())
+    assert 0 <= clip_report["separation"]["held_out"]["image_text"]["position"] <= 100
     lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
     assert set(STAGES) <= set(lock)
     assert lock["train"]["params"]["params.yaml"]["profiles.demo.train"]["max_steps"] == 6

@@ -91,8 +91,8 @@ def test_cli_writes_metrics_and_grid_and_reuses_reference_stats(trained, shards,
     assert Path(fd["reference_stats"]).is_file() and Path(fd["reference_stats"]).parent == tmp / "ref_stats"
     assert p["metrics"]["r_precision"]["candidates"] >= 2
 
-    with Image.open(out / "samples.png") as grid:  # 3 columns x 4 fixed prompts of 64 px (+ padding)
-        assert grid.size[0] > 3 * 64 and grid.size[1] > 4 * 64 and grid.size[0] < 4 * 64
+    with Image.open(out / "samples.png") as grid:  # prompt text + 3 columns, one row of 64 px per fixed prompt (+ padding)
+        assert grid.size[0] > 3 * 64 + 120 and grid.size[1] == len(cfg.train.sample_prompts) * 66 + 2
 
     assert main(cli_args(opts)) == 0
     again = json.loads((out / "metrics.json").read_text())
@@ -175,13 +175,16 @@ def test_two_ranks_give_the_single_process_numbers(trained, shards, tmp_path):
         assert dist[key] == pytest.approx(single[key], rel=1e-4, abs=1e-4), key
 
 
-def test_demo_held_out_prompts_score_prompt_fidelity(trained, shards):
+def test_demo_prompts_score_prompt_fidelity_per_split(trained, shards):
+    from galip.metrics.prompt_fidelity import result_keys, summary_score
+
     tmp, _, ckpt, _ = trained
-    opts = overrides(tmp, shards, "eval.prompt_source=demo_held_out", "eval.metrics=[prompt_fidelity, r_precision]")
+    opts = overrides(tmp, shards, "eval.prompt_source=demo", "eval.metrics=[prompt_fidelity, r_precision]")
     result = run(load_config("params.yaml", opts, profile="demo"), ckpt)
-    keys = {"prompt_fidelity", *(f"prompt_fidelity_{a}" for a in ("shape", "colour", "position", "size", "count"))}
-    assert keys | {"r_precision", "protocol"} == set(result)
-    assert 0 <= result["prompt_fidelity"] <= 100
+    assert set(result_keys()) | {"r_precision", "protocol"} == set(result)
+    assert {"prompt_fidelity_held_in_position", "prompt_fidelity_held_out_shape"} <= set(result)
+    assert all(0 <= result[k] <= 100 for k in result_keys())
+    assert result["prompt_fidelity"] == pytest.approx(summary_score(result))
     # an untrained generator does not draw the prompted scenes
     assert result["prompt_fidelity"] < 50
     proto = result["protocol"]["metrics"]["prompt_fidelity"]

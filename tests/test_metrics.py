@@ -253,3 +253,21 @@ def test_unstated_attributes_are_not_scored():
     assert attribute_matches(decoded, Wanted()) == {
         "shape": True, "colour": False, "position": None, "size": None, "count": True
     }
+
+
+def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low():
+    """The split bookkeeping on a perfect 'generator' (the renderer itself) and on noise."""
+    pytest.importorskip("galip.demo_data")
+    from galip import demo_data
+    from galip.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
+
+    decoder, _ = checked_decoder(64)
+    prompts = demo_data.demo_prompts(seed=2, n=60)
+    rng = np.random.default_rng(0)
+    rendered = np.stack([np.asarray(demo_data.render_scene(a, 64, rng).convert("RGB")) for _, a in prompts])
+    for images, low, high in ((rendered, 90, 100), (rng.integers(0, 256, rendered.shape, dtype=np.uint8), 0, 40)):
+        scores = score_images(decoder, images, [a for _, a in prompts])
+        assert set(scores) == set(result_keys()[1:])
+        assert len(scores["prompt_fidelity_held_in"]) == len(scores["prompt_fidelity_held_out"]) == 30
+        means = {k: float(np.mean(v)) for k, v in scores.items()}
+        assert low <= summary_score(means) <= high, means

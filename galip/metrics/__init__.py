@@ -8,7 +8,7 @@ same in metrics.json, in MLflow and in dvc.yaml.
     fd_clip        -> fd_clip
     clip_score     -> clip_score_train, clip_score_eval, clip_cosine_train, clip_cosine_eval
     r_precision    -> r_precision
-    prompt_fidelity-> prompt_fidelity, prompt_fidelity_<attribute> (demo data set only)
+    prompt_fidelity-> prompt_fidelity (gate summary), prompt_fidelity_<held_in|held_out>[_<attribute>] (demo only)
 """
 
 from __future__ import annotations

@@ -16,27 +16,39 @@ palette instead of hard-coding them. Its accuracy on another set of fresh render
 protocol: a decoder that cannot read the renderer's own images would make the metric meaningless, so
 evaluation fails if any attribute reads below ``MIN_DECODER_ACCURACY``.
 
-``prompt_fidelity`` is the share (percent) of generated images whose every stated attribute matches
-the prompt; ``prompt_fidelity_<attribute>`` the share for one attribute (over prompts stating it).
+Prompts fall into two splits by their colour+shape pair (``galip.demo_data.HELD_OUT_PAIRS``):
+``held_in`` (pairs the training data shows) and ``held_out`` (pairs it never shows). Per split,
+``prompt_fidelity_<split>`` is the share (percent) of generated images whose every stated attribute
+matches the prompt, and ``prompt_fidelity_<split>_<attribute>`` the share for one attribute (over
+prompts stating it). ``prompt_fidelity``, the demo's gate metric, is their summary:
+half the mean per-attribute accuracy on held-in prompts (does G follow each attribute it was taught?)
+plus half the all-attributes accuracy on held-out prompts (does it compose unseen pairs?). It moves
+with either; 100 means both are perfect.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
 from . import register
-from .base import EvalContext, SampleBatch
+from .base import EvalContext, SampleBatch, to_uint8
+
+if TYPE_CHECKING:
+    from ..clip import FrozenCLIP
+    from ..models import NetG
 
 log = logging.getLogger("galip.evaluate")
 
 ATTRIBUTES = ("shape", "colour", "position", "size", "count")
+SPLITS = ("held_in", "held_out")
 MIN_DECODER_ACCURACY = 0.95
 _FOREGROUND_DISTANCE = 60.0  # max-channel distance from the background colour, in 0..255
 
@@ -162,12 +174,54 @@ def attribute_matches(decoded: dict[str, Any], wanted: Any) -> dict[str, bool | 
     return out
 
 
+def split_of(wanted: Any) -> str:
+    """``held_out`` when the prompt's colour+shape pair never occurs in the training data."""
+    from ..demo_data import HELD_OUT_PAIRS
+
+    return "held_out" if (wanted.colour, wanted.shape) in HELD_OUT_PAIRS else "held_in"
+
+
+def summary_score(results: dict[str, float]) -> float:
+    """``prompt_fidelity``: ½ · mean held-in per-attribute accuracy + ½ · held-out all-attributes accuracy."""
+    held_in = [results[f"prompt_fidelity_held_in_{a}"] for a in ATTRIBUTES]
+    return 0.5 * sum(held_in) / len(held_in) + 0.5 * results["prompt_fidelity_held_out"]
+
+
 @functools.lru_cache(maxsize=4)
-def calibrated_decoder(resolution: int) -> tuple[SceneDecoder, dict[str, float]]:
-    """The decoder for ``resolution`` and its accuracy on fresh renders (cached: evaluation during
-    training builds the metric at every evaluation step)."""
-    decoder = SceneDecoder.calibrate(resolution)
-    return decoder, decoder.accuracy_on_renders(resolution)
+def checked_decoder(image_size: int) -> tuple[SceneDecoder, dict[str, float]]:
+    """The calibrated decoder for ``image_size`` px and its accuracy on fresh renders (cached: deterministic)."""
+    decoder = SceneDecoder.calibrate(image_size)
+    return decoder, check_decoder(decoder, image_size)
+
+
+def check_decoder(decoder: SceneDecoder, image_size: int) -> dict[str, float]:
+    accuracy = decoder.accuracy_on_renders(image_size)
+    weak = {a: acc for a, acc in accuracy.items() if acc < MIN_DECODER_ACCURACY}
+    if weak:
+        raise RuntimeError(
+            f"prompt_fidelity: the scene decoder reads rendered {image_size} px demo scenes with accuracy "
+            f"{weak} (< {MIN_DECODER_ACCURACY}); the metric would be meaningless at this resolution. "
+            "Drop prompt_fidelity from eval.metrics or raise model.image_size."
+        )
+    return accuracy
+
+
+def score_images(decoder: SceneDecoder, images: np.ndarray, wanted: Sequence[Any]) -> dict[str, list[float]]:
+    """Per-sample scores (0 or 100) of uint8 [N, H, W, 3] images under ``prompt_fidelity_<split>[_<attribute>]`` keys."""
+    scores: dict[str, list[float]] = {}
+    for image, target in zip(images, wanted):
+        split = split_of(target)
+        matches = attribute_matches(decoder.decode(image), target)
+        stated = [ok for ok in matches.values() if ok is not None]
+        scores.setdefault(f"prompt_fidelity_{split}", []).append(100.0 * all(stated))
+        for a, ok in matches.items():
+            if ok is not None:
+                scores.setdefault(f"prompt_fidelity_{split}_{a}", []).append(100.0 * ok)
+    return scores
+
+
+def result_keys() -> list[str]:
+    return ["prompt_fidelity", *(f"prompt_fidelity_{s}{suffix}" for s in SPLITS for suffix in ["", *(f"_{a}" for a in ATTRIBUTES)])]
 
 
 class PromptFidelity:
@@ -177,49 +231,30 @@ class PromptFidelity:
         self.ctx = ctx
         self.parse_caption = parse_caption
         if decoder_factory is None:
-            self.decoder, accuracy = calibrated_decoder(ctx.resolution)
+            self.decoder, accuracy = checked_decoder(ctx.resolution)
         else:
             self.decoder = decoder_factory(ctx.resolution)
-            accuracy = self.decoder.accuracy_on_renders(ctx.resolution)
-        weak = {a: acc for a, acc in accuracy.items() if acc < MIN_DECODER_ACCURACY}
-        if weak:
-            raise RuntimeError(
-                f"prompt_fidelity: the scene decoder reads rendered {ctx.resolution} px demo scenes with accuracy "
-                f"{weak} (< {MIN_DECODER_ACCURACY}); the metric would be meaningless at this resolution. "
-                "Drop prompt_fidelity from eval.metrics or raise model.image_size."
-            )
-        self.all = MeanMetric().to(ctx.device)
-        self.per = {a: MeanMetric().to(ctx.device) for a in ATTRIBUTES}
+            accuracy = check_decoder(self.decoder, ctx.resolution)
+        self.means = {k: MeanMetric().to(ctx.device) for k in result_keys()[1:]}
         ctx.protocol["prompt_fidelity"] = {
             "scorer": "pixel decoder of galip.demo_data.render_scene (colour, components, centroid, area, fill ratio)",
             "decoder_accuracy_on_renders": accuracy,
-            "score": "percent of images whose every stated attribute matches the prompt",
+            "score": "percent of images whose every stated attribute matches the prompt, per split "
+            "(held_in / held_out colour+shape pairs) and per attribute",
+            "prompt_fidelity": "0.5 * mean_attribute(prompt_fidelity_held_in_<attribute>) + 0.5 * prompt_fidelity_held_out",
         }
 
     def update(self, batch: SampleBatch) -> None:
         wanted = batch.attrs or [self.parse_caption(c) for c in batch.captions]
-        images = batch.uint8.permute(0, 2, 3, 1).cpu().numpy()
-        all_ok: list[float] = []
-        per: dict[str, list[float]] = {a: [] for a in ATTRIBUTES}
-        for image, target in zip(images, wanted):
-            matches = attribute_matches(self.decoder.decode(image), target)
-            stated = [ok for ok in matches.values() if ok is not None]
-            all_ok.append(100.0 * all(stated))
-            for a, ok in matches.items():
-                if ok is not None:
-                    per[a].append(100.0 * ok)
-        dev = self.ctx.device
-        self.all.update(torch.tensor(all_ok, device=dev))
-        for a, values in per.items():
-            if values:
-                self.per[a].update(torch.tensor(values, device=dev))
+        scores = score_images(self.decoder, batch.uint8.permute(0, 2, 3, 1).cpu().numpy(), wanted)
+        for key, values in scores.items():
+            self.means[key].update(torch.tensor(values, device=self.ctx.device))
 
     def compute(self) -> dict[str, float]:
-        out = {"prompt_fidelity": float(self.all.compute())}
-        for a in ATTRIBUTES:
-            # An attribute no prompt stated on any rank stays NaN rather than a made-up 0 or 100.
-            out[f"prompt_fidelity_{a}"] = float(self.per[a].compute())
-        return out
+        # Every rank computes every key (a collective); one no prompt stated on any rank stays NaN
+        # rather than a made-up 0 or 100.
+        out = {k: float(m.compute()) for k, m in self.means.items()}
+        return {"prompt_fidelity": summary_score(out), **out}
 
 
 register("prompt_fidelity")(PromptFidelity)

@@ -633,6 +633,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if env.is_main and cfg.train.checkpoint_uri:
         result["checkpoint_uploads"] = uploads.as_dict()
         _report_uploads(cfg, uploads, ckpt_dir, tracker, trainer.step)
+    result["mlflow_failures"] = tracker.report()
     return result
 
 

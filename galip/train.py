@@ -104,9 +104,11 @@ class Trainer:
         g, d, c = self.net_g, self.net_d, self.net_c
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            # NetD keeps the reference's never-applied 1x1 shortcut convs; DDP must not wait for them.
-            # DDP has no public way to exclude parameters; this static helper is what its docs name.
-            DDP._set_params_and_buffers_to_ignore_for_model(d, d.unused_parameter_names())
+            # NetD keeps the reference's never-applied 1x1 shortcut convs (state-dict layout); DDP must not
+            # wait for their gradients. DDP only reduces parameters that require grad: freezing them is the
+            # public way (they never get a gradient anyway, so Adam and the checkpoints are unchanged).
+            for name in d.unused_parameter_names():
+                d.get_parameter(name).requires_grad_(False)
             g, d, c = (DDP(m, device_ids=ids) for m in (g, d, c))
         # The real-image path stays eager: MA-GP differentiates C(D(real)) twice, and compiled graphs
         # do not support double backward. Everything else (G, the fake path, the G phase) may compile.

@@ -459,7 +459,8 @@ def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, trac
     client = mlflow.MlflowClient()
     step = int(metrics.get("protocol", {}).get("step", 0))
     ts = int(time.time() * 1000)
-    client.log_batch(mlflow_run_id, metrics=[mlflow.entities.Metric(f"eval/{k}", v, ts, step) for k, v in flat.items()])
+    # The names of metrics.json (and of mlflow.gate_metric): one name per metric everywhere.
+    client.log_batch(mlflow_run_id, metrics=[mlflow.entities.Metric(k, v, ts, step) for k, v in flat.items()])
     client.log_artifact(mlflow_run_id, str(out / "metrics.json"), "eval")
     grid = out / "samples.png"
     if grid.is_file():

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 from .config import Config
 from .redact import redact
 
-GATE_TAG_PREFIX = "gate."
+# Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
+LEGACY_METRIC_TAG_PREFIX = "gate."
 ORIGIN_TAG_PREFIX = "origin."
 # Runtime packages of the pyfunc; pinned to what this environment trained with.
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
@@ -195,7 +196,7 @@ def gate_rule(cfg: Config) -> str:
 
 def _version_metric(client, name: str, version, metric: str) -> float | None:
     """The gate metric recorded at registration (tag), else the version's run metric."""
-    tag = version.tags.get(GATE_TAG_PREFIX + metric)
+    tag = version.tags.get(metric, version.tags.get(LEGACY_METRIC_TAG_PREFIX + metric))
     if tag is not None:
         return float(tag)
     if version.run_id:
@@ -290,7 +291,7 @@ def register(
     client = MlflowClient(tracking_uri(cfg))
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
-            client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, f"{float(value):.6g}")
+            client.set_model_version_tag(m.model_name, version, key, f"{float(value):.6g}")
     client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
     if selection:
         client.set_model_version_tag(m.model_name, version, "checkpoint_selection", selection)

@@ -20,6 +20,10 @@ from .redact import redact
 
 log = logging.getLogger("galip.tracking")
 FAILURES_TAG = "galip.tracking_failures"
+# A metric keeps its metrics.json name (`fid`) in params, MLflow and tags; that name in a run is the
+# evaluation's number (what the gate reads). In-training estimates (train.eval_samples images, fewer
+# than eval.n_samples) are a different measurement and carry this prefix: `train_eval/fid`.
+TRAIN_EVAL_PREFIX = "train_eval/"
 
 # Config sections each stage reads. A run logs these as MLflow params (its full resolved config is an
 # artifact), so the run page lists what shaped the run, not every setting of every deployment target.

@@ -45,7 +45,7 @@ from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .redact import redact
 from .runlock import run_lock
-from .tracking import Tracker, stage_params
+from .tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params
 
 log = logging.getLogger("galip.train")
 
@@ -623,7 +623,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
                 evaluated_at = step
                 scores = evaluator(trainer.sampler)
                 eval_log.write({"step": step, **{k: round(v, 4) for k, v in scores.items()}})
-                tracker.log_metrics(scores, step)
+                tracker.log_metrics({TRAIN_EVAL_PREFIX + k: v for k, v in scores.items()}, step)
                 if best.consider(step, path, scores):
                     log.info("step %d: best %s so far (%.4g)", step, best.metric, scores[best.metric])
                 bar.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))

@@ -8,6 +8,7 @@ closed loopback port as the unreachable tracking server.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -17,6 +18,8 @@ from galip.config import load_config
 from galip.train import run
 
 from helpers import tiny_config, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -85,3 +88,55 @@ def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_che
     assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: could not log the model" in err and dead_tracking in err
+
+
+# --- one name per metric: metrics.json's key is the MLflow metric and the model version's tag ----------
+@pytest.fixture
+def sqlite_tracking(tmp_path, monkeypatch) -> str:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking, monkeypatch):
+    import mlflow
+
+    client = mlflow.MlflowClient(sqlite_tracking)
+    run_id = client.create_run(client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
+    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]"))
+    metrics = client.get_run(run_id).data.metrics
+    assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
+    assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]
+
+
+def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoint, tmp_path, sqlite_tracking):
+    import json
+
+    import mlflow
+
+    from galip.registry import gate, register_from_files
+
+    cfg = load_config(
+        ROOT / "params.yaml",
+        ["mlflow.model_name=galip-names", "mlflow.gate_metric=prompt_fidelity", "mlflow.gate_direction=higher", "mlflow.gate_bar=0"],
+        profile="demo",
+    )
+    client = mlflow.MlflowClient(sqlite_tracking)
+    client.create_experiment(cfg.mlflow.experiment, artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"prompt_fidelity": 2.0, "protocol": {"checkpoint": str(tiny_checkpoint)}}))
+    first = register_from_files(cfg, metrics, None, None)
+    name, version = cfg.mlflow.model_name, first["version"]
+    assert client.get_model_version(name, version).tags["prompt_fidelity"] == "2"
+    assert client.get_run(first["run_id"]).data.metrics == {"prompt_fidelity": 2.0}
+
+    # A champion registered before the rename carries gate.<metric>: the gate still reads it.
+    client.delete_model_version_tag(name, version, "prompt_fidelity")
+    client.set_model_version_tag(name, version, "gate.prompt_fidelity", "2")
+    decision = gate(cfg, "2", 1.5)
+    assert not decision.promoted and "does not beat champion v1 (2)" in decision.reason

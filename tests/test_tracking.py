@@ -108,7 +108,7 @@ def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking,
     run_id = client.create_run(client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
-    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]"))
+    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]", f"eval.out_dir={tmp_path / 'eval'}"))
     metrics = client.get_run(run_id).data.metrics
     assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
     assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]

@@ -5,7 +5,9 @@ runs (tests/test_flow.py checks that they are equal). With ``flow.use_dvc`` (dem
 ``dvc repro --single-item <stage>`` instead of the command itself, so DVC decides what is up to date
 and dvc.lock records what was produced from what, whether the flow or a user ran it. Without it
 (production pods, or parameter overrides from the Prefect form) the commands run directly and the
-train stage resumes from the newest checkpoint in ``train.out_dir``.
+train stage resumes from the newest checkpoint in ``train.out_dir``. With ``kube.nodes > 1`` the train
+task instead submits an Indexed Job (galip.kube.train_job), streams pod 0's log and fails when the
+Job fails; one node trains here with ``torchrun --standalone``.
 
 Re-running after a failure skips completed steps: a retried flow run reuses the persisted results of
 its completed tasks (Prefect's default cache policy is keyed on the run id), and a new run skips the
@@ -47,6 +49,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from galip.config import Config, ConfigError, load_config
+from galip.kube import runs_as_job, train_job
 from galip.redact import RedactFilter, redact
 
 ROOT = Path.cwd()
@@ -213,18 +216,31 @@ def stage_env(mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, 
 DVC_HINTS = re.compile(r"^\s*(To track the changes with git|git add dvc\.lock|To enable auto staging|dvc config core\.autostage|Use `dvc push`)")
 
 
-def run_stage(name: str, params: GalipTrainParams, mlflow_run_id: str | None, tracking_uri: str | None) -> None:
-    logger = get_run_logger()
+def run_stage(
+    name: str, params: GalipTrainParams, mlflow_run_id: str | None, tracking_uri: str | None, log: Callable[[str], None] | None = None
+) -> None:
+    log = log or get_run_logger().info
     argv = ["dvc", "repro", "--single-item", name] if params.uses_dvc() else stage_commands(params)[name]
-    logger.info("[%s] %s", name, shlex.join(argv))
+    log(f"[{name}] {shlex.join(argv)}")
     t0 = time.perf_counter()
 
     def emit(line: str) -> None:
         if not DVC_HINTS.match(line):
-            logger.info("[%s] %s", name, line)
+            log(f"[{name}] {line}")
 
     stream_process(argv, stage_env(mlflow_run_id, tracking_uri), emit)
-    logger.info("[%s] done in %.1f s", name, time.perf_counter() - t0)
+    log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+
+
+def launch_training(
+    params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, run_id: str, log: Callable[[str], None], kube_api: Any = None
+) -> None:
+    """kube.nodes > 1: an Indexed Job through galip.kube (the task fails with the Job); else the train stage here."""
+    cfg = params.config()
+    if runs_as_job(cfg):
+        train_job(cfg, run_id=run_id, mlflow_run_id=mlflow_run_id, api=kube_api, log=lambda line: log(f"[train] {line}"))
+    else:
+        run_stage("train", params, mlflow_run_id, tracking_uri, log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +424,11 @@ def training_samples_markdown(samples_dir: Path, prompts: list[str], links: Link
 @task(name="train", persist_result=True)
 @redacted_errors
 def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
-    """torchrun -m galip.train; the trainer logs losses and sample grids to the MLflow run itself."""
+    """torchrun -m galip.train here, or on kube.nodes pods; the trainer logs losses and sample grids to the MLflow run itself."""
     from galip.checkpoint import latest_checkpoint
 
-    run_stage("train", params, mlflow_run_id, tracking_uri)
+    # The flow run's id names the Job, so a retried task follows the Job already running.
+    launch_training(params, mlflow_run_id, tracking_uri, str(flow_run.id or mlflow_run_id), get_run_logger().info)
     cfg = params.config()
     out = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(out / "checkpoints")
@@ -442,7 +459,8 @@ def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, trac
     client = mlflow.MlflowClient()
     step = int(metrics.get("protocol", {}).get("step", 0))
     ts = int(time.time() * 1000)
-    client.log_batch(mlflow_run_id, metrics=[mlflow.entities.Metric(f"eval/{k}", v, ts, step) for k, v in flat.items()])
+    # The names of metrics.json (and of mlflow.gate_metric): one name per metric everywhere.
+    client.log_batch(mlflow_run_id, metrics=[mlflow.entities.Metric(k, v, ts, step) for k, v in flat.items()])
     client.log_artifact(mlflow_run_id, str(out / "metrics.json"), "eval")
     grid = out / "samples.png"
     if grid.is_file():
@@ -564,7 +582,8 @@ def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any]
         run_id = run.info.run_id
         on_timeout.append(end_mlflow_run_if_running(uri, run_id))
         links = Links(mlflow_ui=mlflow_ui_url(cfg, uri), experiment_id=experiment.experiment_id, run_id=run_id, flow_run_url=flow_run_url)
-        mlflow.log_params(run_params(cfg, stages, cfg.flow.nproc_per_node))
+        world_size = cfg.kube.nodes * cfg.kube.gpus_per_node if runs_as_job(cfg) else cfg.flow.nproc_per_node
+        mlflow.log_params(run_params(cfg, stages, world_size))
         mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
         create_link_artifact(
             links.run_url,

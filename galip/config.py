@@ -5,20 +5,38 @@ i.e. the ``cc12m`` production run), a ``profiles`` table of named overlays, and 
 selects the overlay in force. Resolution order: base sections <- ``profiles[profile]`` <- overrides
 (``-S train.lr_g=2e-4``, DVC's syntax). Unknown keys and wrong types are rejected before any work
 starts, with the dotted key and the expected type in the message.
+
+The models below hold types, constraints and descriptions but no values: every key must be set in
+params.yaml, so no value can differ between the code and the file. A config saved with a checkpoint
+before a key existed gets that key from params.yaml when it is loaded (``config_from_dict``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
 from .redact import has_credentials, redact
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -34,33 +52,33 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where training data comes from and how it becomes shards (galip.download, galip.data)."""
 
-    url_list: str = Field("data/cc12m/cc12m.tsv", description="URL+caption list (cc12m.tsv or parquet)")
-    url_col: str = "url"
-    caption_col: str = "caption"
-    shards_dir: str = "data/cc12m/shards"
-    shards: str = Field("", description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
-    image_size: int = Field(304, gt=0, description="img2dataset output size (shorter side with keep_ratio)")
-    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = "keep_ratio"
-    encode_quality: int = Field(95, ge=1, le=100)
-    samples_per_shard: int = Field(10000, gt=0)
-    processes: int = Field(2, gt=0)
-    threads: int = Field(16, gt=0)
-    retries: int = Field(0, ge=0)
-    timeout: int = Field(10, gt=0)
+    url_list: str = Field(description="URL+caption list (cc12m.tsv or parquet)")
+    url_col: str
+    caption_col: str
+    shards_dir: str
+    shards: str = Field(description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
+    image_size: int = Field(gt=0, description="img2dataset output size (shorter side with keep_ratio)")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"]
+    encode_quality: int = Field(ge=1, le=100)
+    samples_per_shard: PositiveInt
+    processes: PositiveInt
+    threads: PositiveInt
+    retries: NonNegativeInt
+    timeout: PositiveInt
     # Reference augmentation: resize to load_size, random crop to crop_size, horizontal flip.
-    load_size: int = Field(304, gt=0)
-    crop_size: int = Field(256, gt=0)
-    hflip: bool = True
-    shuffle_buffer: int = Field(1000, ge=0)
-    workers: int = Field(2, ge=0)
-    resampled: bool = True
-    s3_endpoint_url: str = ""
+    load_size: PositiveInt
+    crop_size: PositiveInt
+    hflip: bool
+    shuffle_buffer: NonNegativeInt
+    workers: NonNegativeInt
+    resampled: bool
+    s3_endpoint_url: str
     # demo source: > 0 generates that many procedural scenes (galip.demo_data) and serves them locally
-    demo_images: int = Field(0, ge=0)
-    demo_seed: int = 0
-    demo_broken: bool = Field(False, description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
+    demo_images: NonNegativeInt
+    demo_seed: int
+    demo_broken: bool = Field(description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
     max_skip_fraction: float = Field(
-        0.5, gt=0, le=1, description="stop when more than this share of samples is unusable (after 100 samples)"
+        gt=0, le=1, description="stop when more than this share of samples is unusable (after 100 samples)"
     )
 
     @model_validator(mode="after")
@@ -73,20 +91,20 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Networks. Sizes that depend on CLIP (width, grid, blocks, embed dim) are read from the CLIP model."""
 
-    clip_model: str = "ViT-B-32-quickgelu"
-    clip_pretrained: str = Field("openai", description="open_clip pretrained tag, local checkpoint path, or '' for random")
-    image_size: int = Field(224, gt=0, description="generator output size")
-    nz: int = Field(100, gt=0)
-    ngf: int = Field(64, gt=0)
-    ndf: int = Field(64, gt=0)
-    code_channels: int = Field(64, gt=0)
-    code_mid_channels: int = Field(32, gt=0)
-    mapper_blocks: int = Field(4, gt=0)
+    clip_model: str
+    clip_pretrained: str = Field(description="open_clip pretrained tag, local checkpoint path, or '' for random")
+    image_size: int = Field(gt=0, description="generator output size")
+    nz: PositiveInt
+    ngf: PositiveInt
+    ndf: PositiveInt
+    code_channels: PositiveInt
+    code_mid_channels: PositiveInt
+    mapper_blocks: PositiveInt
     # ViT block indices (0-based). Empty = derived from the depth as the reference's (1, 4, 8) and
     # 1..8 are for 12 blocks.
-    feature_blocks: tuple[int, ...] = ()
-    prompt_blocks: tuple[int, ...] = ()
-    pixel_norm: Literal["reference", "standard"] = "reference"
+    feature_blocks: tuple[int, ...]
+    prompt_blocks: tuple[int, ...]
+    pixel_norm: Literal["reference", "standard"]
 
     @field_validator("feature_blocks", "prompt_blocks", mode="before")
     @classmethod
@@ -95,46 +113,41 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    out_dir: str = "runs/cc12m"
-    batch_size: int = Field(64, gt=0, description="per process, per step")
-    grad_accum: int = Field(1, gt=0)
-    max_steps: int = Field(200_000, gt=0)
-    lr_g: float = Field(1e-4, gt=0)
-    lr_d: float = Field(4e-4, gt=0)
-    beta1: float = Field(0.0, ge=0, lt=1)
-    beta2: float = Field(0.9, ge=0, lt=1)
-    sim_w: float = Field(4.0, ge=0)
-    magp_k: float = Field(2.0, ge=0)
-    magp_p: float = Field(6.0, gt=0)
+    out_dir: str
+    batch_size: int = Field(gt=0, description="per process, per step")
+    grad_accum: PositiveInt
+    max_steps: PositiveInt
+    lr_g: PositiveFloat
+    lr_d: PositiveFloat
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    sim_w: float = Field(ge=0)
+    magp_k: float = Field(ge=0)
+    magp_p: PositiveFloat
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="bf16 (GPU default), fp16 = the reference's recipe with loss scaling, fp32 (CPU default)"
+        description="bf16 (GPU default), fp16 = the reference's recipe with loss scaling, fp32 (CPU default)"
     )
-    compile: bool = Field(False, description="torch.compile G, the fake-image path of D/C and the CLIP image pass")
-    tf32: bool = Field(True, description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
-    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest algorithm per shape")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of G's weights for sampling/eval/registry; 0 = off")
-    device: str = "auto"
-    seed: int = 100
-    log_every: int = Field(50, gt=0)
-    ckpt_every: int = Field(2000, gt=0)
-    sample_every: int = Field(2000, gt=0)
-    keep_checkpoints: int = Field(3, gt=0)
-    checkpoint_uri: str = Field("", description="optional s3:// prefix the checkpoints are uploaded to")
+    compile: bool = Field(description="torch.compile G, the fake-image path of D/C and the CLIP image pass")
+    tf32: bool = Field(description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
+    cudnn_benchmark: bool = Field(description="CUDA: let cuDNN pick the fastest algorithm per shape")
+    ema_decay: float = Field(ge=0, lt=1, description="EMA of G's weights for sampling/eval/registry; 0 = off")
+    device: str
+    seed: int
+    log_every: PositiveInt
+    ckpt_every: PositiveInt
+    sample_every: PositiveInt
+    keep_checkpoints: PositiveInt
+    checkpoint_uri: str = Field(description="optional s3:// prefix the checkpoints are uploaded to")
     require_checkpoint_upload: bool = Field(
-        False, description="fail the run (after its local checkpoint) when its newest checkpoint did not reach checkpoint_uri"
+        description="fail the run (after its local checkpoint) when its newest checkpoint did not reach checkpoint_uri"
     )
-    storage_retries: int = Field(3, ge=0, description="retries of an object-store call before it counts as failed")
-    storage_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubled for each further one")
-    sample_prompts: tuple[str, ...] = (
-        "a photo of a red bird sitting on a branch",
-        "a bowl of fruit on a wooden table",
-        "a city street at night with lights",
-        "a snowy mountain under a blue sky",
-    )
+    storage_retries: int = Field(ge=0, description="retries of an object-store call before it counts as failed")
+    storage_backoff_s: float = Field(ge=0, description="wait before the first retry; doubled for each further one")
+    sample_prompts: tuple[str, ...]
 
-    eval_every: int = Field(0, ge=0, description="in-training evaluation every N steps (at the next checkpoint step); 0 = off")
-    eval_samples: int = Field(200, gt=0, description="images per in-training evaluation")
-    eval_metrics: tuple[str, ...] = ("fd_clip",)
+    eval_every: int = Field(ge=0, description="in-training evaluation every N steps (at the next checkpoint step); 0 = off")
+    eval_samples: int = Field(gt=0, description="images per in-training evaluation")
+    eval_metrics: tuple[str, ...]
 
     @field_validator("sample_prompts", "eval_metrics", mode="before")
     @classmethod
@@ -152,25 +165,25 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """galip.evaluate: which metrics, on how many samples, against which reference set."""
 
-    out_dir: str = "runs/cc12m/eval"
-    n_samples: int = Field(30000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    inception_weights: str = Field("", description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
-    eval_clip_model: str = "ViT-L-14"
-    eval_clip_pretrained: str = Field("openai", description="open_clip tag, local checkpoint path, or '' for random weights")
+    out_dir: str
+    n_samples: PositiveInt
+    batch_size: PositiveInt
+    inception_weights: str = Field(description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
+    eval_clip_model: str
+    eval_clip_pretrained: str = Field(description="open_clip tag, local checkpoint path, or '' for random weights")
     # Random-weight eval CLIPs (demo) are seeded apart from training's so they are a different network.
-    eval_clip_seed: int = 12345
-    metrics: tuple[str, ...] = ("fid", "fd_clip", "clip_score")
-    seed: int = 0
-    device: str = "auto"
+    eval_clip_seed: int
+    metrics: tuple[str, ...]
+    seed: int
+    device: str
     prompt_source: Literal["reference", "demo"] = Field(
-        "reference", description="captions of the reference set, or the demo's procedural prompts (half held-in, half held-out pairs)"
+        description="captions of the reference set, or the demo's procedural prompts (half held-in, half held-out pairs)"
     )
-    ref_shards: str = Field("", description="reference set (dir, brace pattern of .tar); '' = the training shards")
-    ref_samples: int = Field(0, ge=0, description="reference images for FID/FD statistics; 0 = n_samples")
-    ref_stats_dir: str = Field("", description="cache of reference statistics; '' = <out_dir>/../ref_stats")
-    r_precision_candidates: int = Field(100, ge=2, description="captions ranked per image (the true one + distractors)")
-    grid_n: int = Field(8, gt=0, description="images per fixed prompt (train.sample_prompts) in the sample grid")
+    ref_shards: str = Field(description="reference set (dir, brace pattern of .tar); '' = the training shards")
+    ref_samples: int = Field(ge=0, description="reference images for FID/FD statistics; 0 = n_samples")
+    ref_stats_dir: str = Field(description="cache of reference statistics; '' = <out_dir>/../ref_stats")
+    r_precision_candidates: int = Field(ge=2, description="captions ranked per image (the true one + distractors)")
+    grid_n: int = Field(gt=0, description="images per fixed prompt (train.sample_prompts) in the sample grid")
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -194,31 +207,31 @@ class KubeConfig(_Section):
     Job whose pods rendezvous through c10d. Names here must match infra/ (pool, secrets, PVC).
     """
 
-    image: str = Field("ghcr.io/galip-mlops/galip:0.1.0", description="training image (infra/docker/Dockerfile)")
-    namespace: str = "galip"
-    work_pool: str = Field("galip-k8s", description="Prefect Kubernetes work pool (infra/prefect/base-job-template.json)")
-    nodes: int = Field(1, gt=0, description="pods (machines); > 1 = multi-node Indexed Job")
-    gpus_per_node: int = Field(8, gt=0, description="torchrun --nproc-per-node and nvidia.com/gpu per pod")
-    cpu_per_node: str = Field("64", description="CPU request per pod (data loading + CLIP text encoding)")
-    memory_per_node: str = Field("480Gi", description="memory request = limit per pod")
-    shm_size: str = Field("64Gi", description="/dev/shm size; DataLoader workers pass batches through it")
-    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
-    tolerations: tuple[Toleration, ...] = (Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),)
-    service_account: str = Field("galip-flow-runner", description="infra/k8s/rbac.yaml")
-    s3_secret: str = Field("galip-s3", description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ optional AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)")
-    mlflow_tracking_uri: str = "http://mlflow.galip.svc.cluster.local:5000"
-    runs_pvc: str = Field("galip-runs", description="ReadWriteMany PVC shared by all pods: every rank loads the checkpoint rank 0 picked")
+    image: str = Field(description="training image (infra/docker/Dockerfile)")
+    namespace: str
+    work_pool: str = Field(description="Prefect Kubernetes work pool (infra/prefect/base-job-template.json)")
+    nodes: int = Field(gt=0, description="pods (machines); > 1 = multi-node Indexed Job")
+    gpus_per_node: int = Field(gt=0, description="torchrun --nproc-per-node and nvidia.com/gpu per pod")
+    cpu_per_node: str = Field(description="CPU request per pod (data loading + CLIP text encoding)")
+    memory_per_node: str = Field(description="memory request = limit per pod")
+    shm_size: str = Field(description="/dev/shm size; DataLoader workers pass batches through it")
+    node_selector: dict[str, str]
+    tolerations: tuple[Toleration, ...]
+    service_account: str = Field(description="infra/k8s/rbac.yaml")
+    s3_secret: str = Field(description="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (+ optional AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)")
+    mlflow_tracking_uri: str
+    runs_pvc: str = Field(description="ReadWriteMany PVC shared by all pods: every rank loads the checkpoint rank 0 picked")
     # The image's WORKDIR with the PVC mounted at <workdir>/runs: the relative train.out_dir
     # (runs/cc12m) is then the same directory in the flow-run pod and in every Job pod.
-    workdir: str = "/app"
-    runs_mount: str = "/app/runs"
-    rdzv_port: int = Field(29400, gt=0, lt=65536)
-    rdzv_join_timeout: int = Field(1800, gt=0, description="seconds to wait for all pods (GPU node scale-up, image pulls)")
-    max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: in-place worker-group restarts per pod")
-    backoff_limit: int = Field(6, ge=0, description="Job pod failures (not counting preemptions) before the run fails")
-    ttl_seconds_after_finished: int = Field(7 * 86400, ge=0)
-    cluster_domain: str = "cluster.local"
-    env: dict[str, str] = Field(default_factory=dict, description="extra container env (e.g. NCCL_SOCKET_IFNAME)")
+    workdir: str
+    runs_mount: str
+    rdzv_port: int = Field(gt=0, lt=65536)
+    rdzv_join_timeout: int = Field(gt=0, description="seconds to wait for all pods (GPU node scale-up, image pulls)")
+    max_restarts: int = Field(ge=0, description="torchrun --max-restarts: in-place worker-group restarts per pod")
+    backoff_limit: int = Field(ge=0, description="Job pod failures (not counting preemptions) before the run fails")
+    ttl_seconds_after_finished: NonNegativeInt
+    cluster_domain: str
+    env: dict[str, str] = Field(description="extra container env (e.g. NCCL_SOCKET_IFNAME)")
 
     @field_validator("tolerations", mode="before")
     @classmethod
@@ -234,56 +247,56 @@ class ClipPretrainConfig(_Section):
     ``model.clip_pretrained=<out_path>``.
     """
 
-    enabled: bool = Field(False, description="run the CLIP training step (demo); production uses pretrained CLIP weights")
-    out_path: str = Field("runs/demo/clip/galip-tiny.pt", description="state_dict loadable with open_clip pretrained=<path>")
-    epochs: int = Field(8, gt=0)
-    batch_size: int = Field(100, gt=1, description="contrastive batch: the number of captions each image is ranked against")
-    lr: float = Field(1e-3, gt=0)
-    wd: float = Field(0.1, ge=0)
-    warmup: int = Field(30, ge=0, description="warm-up steps")
-    workers: int = Field(1, ge=0)
-    seed: int = 0
-    report_path: str = Field("runs/demo/clip/report.json", description="timing and per-attribute separation (galip.clip_probe)")
-    separation_samples: int = Field(200, gt=0, description="rendered scenes per split for the separation measurement")
+    enabled: bool = Field(description="run the CLIP training step (demo); production uses pretrained CLIP weights")
+    out_path: str = Field(description="state_dict loadable with open_clip pretrained=<path>")
+    epochs: PositiveInt
+    batch_size: int = Field(gt=1, description="contrastive batch: the number of captions each image is ranked against")
+    lr: PositiveFloat
+    wd: float = Field(ge=0)
+    warmup: int = Field(ge=0, description="warm-up steps")
+    workers: NonNegativeInt
+    seed: int
+    report_path: str = Field(description="timing and per-attribute separation (galip.clip_probe)")
+    separation_samples: PositiveInt = Field(description="rendered scenes per split for the separation measurement")
 
 
 class MlflowConfig(_Section):
     """Tracking and registry. ``MLFLOW_TRACKING_URI`` in the environment wins over ``tracking_uri``."""
 
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="embedded default: SQLite in the project folder")
-    experiment: str = "galip"
-    model_name: str = Field("galip", description="registered model name")
-    gate_metric: str = Field("prompt_fidelity", description="metric from metrics.json that decides promotion to champion")
-    gate_direction: Literal["higher", "lower"] = Field("higher", description="which way is better for gate_metric")
+    tracking_uri: str = Field(description="sqlite:///<file> = embedded; MLFLOW_TRACKING_URI in the environment wins")
+    experiment: str
+    model_name: str = Field(description="registered model name")
+    gate_metric: str = Field(description="metric from metrics.json that decides promotion to champion")
+    gate_direction: Literal["higher", "lower"] = Field(description="which way is better for gate_metric")
     gate_bar: float = Field(
-        0.0, allow_inf_nan=False, description="a version must reach this gate_metric value (at least / at most, per direction) to become champion"
+        allow_inf_nan=False, description="a version must reach this gate_metric value (at least / at most, per direction) to become champion"
     )
-    ui_url: str = Field("", description="MLflow UI address for links; '' = the tracking URI when it is a server, else http://127.0.0.1:5000")
-    challenger_alias: str = "challenger"
-    champion_alias: str = "champion"
+    ui_url: str = Field(description="MLflow UI address for links; '' = the tracking URI when it is a server, else http://127.0.0.1:5000")
+    challenger_alias: str
+    champion_alias: str
 
 
 class FlowConfig(_Section):
     """How the Prefect flow galip-train runs the stages."""
 
-    nproc_per_node: int = Field(1, gt=0, description="torchrun --nproc_per_node for train and evaluate")
+    nproc_per_node: int = Field(gt=0, description="torchrun --nproc_per_node for train and evaluate")
     use_dvc: bool = Field(
-        True, description="run each stage as `dvc repro --single-item <stage>` so dvc.lock records what the flow produced"
+        description="run each stage as `dvc repro --single-item <stage>` so dvc.lock records what the flow produced"
     )
-    require_gpu: bool = Field(False, description="fail before any work when no CUDA device is visible (production)")
-    download_retries: int = Field(2, ge=0, description="retries of the network-bound download task")
+    require_gpu: bool = Field(description="fail before any work when no CUDA device is visible (production)")
+    download_retries: int = Field(ge=0, description="retries of the network-bound download task")
 
 
 class Config(_Section):
-    profile: str = "cc12m"
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    kube: KubeConfig = KubeConfig()
-    clip_pretrain: ClipPretrainConfig = ClipPretrainConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-    flow: FlowConfig = FlowConfig()
+    profile: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    eval: EvalConfig
+    kube: KubeConfig
+    clip_pretrain: ClipPretrainConfig
+    mlflow: MlflowConfig
+    flow: FlowConfig
 
     @model_validator(mode="after")
     def _no_credentials(self) -> "Config":
@@ -374,6 +387,8 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for valid keys)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: missing (every key must be set in params.yaml's base sections; the code has no defaults)")
         elif isinstance(e.get("input"), dict):  # a check across keys: the message names them
             lines.append(f"  {key + ': ' if key else ''}{msg}")
         else:
@@ -423,9 +438,56 @@ def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = (),
     return resolve(raw, overrides, profile)
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a checkpoint or run (already resolved)."""
+SECTIONS = tuple(name for name in Config.model_fields if name != "profile")
+# Where a saved config's missing keys come from: the working directory's params.yaml (the repository
+# root, the image's WORKDIR), else the one next to the package (editable installs run from elsewhere).
+PARAMS_CANDIDATES = (Path("params.yaml"), Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def missing_keys(saved: dict[str, Any]) -> list[str]:
+    """Dotted keys the Config needs that ``saved`` lacks (a config saved before those keys existed)."""
+    out = [name for name in ("profile", *SECTIONS) if name not in saved]
+    for name in SECTIONS:
+        if isinstance(saved.get(name), dict):
+            section = Config.model_fields[name].annotation
+            out += [f"{name}.{k}" for k in section.model_fields if k not in saved[name]]
+    return out
+
+
+def fill_missing(saved: dict[str, Any], params: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``saved`` with the keys it lacks taken from params.yaml (the saved profile's values), and those keys."""
+    missing = missing_keys(saved)
+    if not missing:
+        return saved, []
+    path = Path(params) if params else next((c for c in PARAMS_CANDIDATES if c.is_file()), None)
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"the saved config lacks {', '.join(missing)} (saved before these keys existed) and no params.yaml "
+            f"was found to fill them from (looked at {', '.join(str(c) for c in PARAMS_CANDIDATES)}): run from the repository root"
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    profile = saved.get("profile")
+    source = load_config(path, profile=profile if profile in (raw.get("profiles") or {}) else "cc12m").to_dict()
+    out = copy.deepcopy(saved)
+    for key in missing:
+        section, _, name = key.partition(".")
+        if name:
+            out[section][name] = copy.deepcopy(source[section][name])
+        else:
+            out[section] = copy.deepcopy(source[section])
+    log.warning(
+        "saved config lacks %s (saved before these keys existed): filled from %s (profile %s)",
+        ", ".join(missing), path, source["profile"],
+    )  # fmt: skip
+    return out, missing
+
+
+def config_from_dict(d: dict[str, Any], params: str | Path | None = None) -> Config:
+    """Rebuild a Config saved in a checkpoint or run (already resolved). Keys it lacks because it was
+    saved before they existed are filled from params.yaml (``params``, else the one found; the saved
+    profile's values), with a warning naming them."""
+    filled, _ = fill_missing(d, params)
     try:
-        return Config.model_validate(d)
+        return Config.model_validate(filled)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None

@@ -1,7 +1,8 @@
 """Multi-node training on Kubernetes: render the resources from the typed config, submit, follow.
 
-Stable API (the Prefect train task calls it when ``kube.nodes > 1``; a single node trains in the
-flow-run pod itself and needs none of this)::
+Stable API. The Prefect train task calls ``train_job(cfg, ...)`` when ``runs_as_job(cfg)``
+(``kube.nodes > 1``); a single node trains in the flow-run pod itself (``torchrun --standalone``)
+and needs none of this. ``train_job`` is these two calls::
 
     from galip.kube import render_train_job, submit_and_follow
 
@@ -505,3 +506,33 @@ def _stop(api: KubeAPI, name: str, namespace: str, log: Callable[[str], None]) -
     # Foreground: the Job object outlives its pods, Service and ConfigMap, so a resubmission under
     # the same name (rescheduled flow run) waits for it to vanish and starts clean.
     api.batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Foreground")
+
+
+def runs_as_job(cfg: Config) -> bool:
+    """Whether training runs as a multi-node Indexed Job (``kube.nodes > 1``) rather than in this pod."""
+    return cfg.kube.nodes > 1
+
+
+def train_job(
+    cfg: Config,
+    *,
+    run_id: str,
+    mlflow_run_id: str | None = None,
+    api: KubeAPI | None = None,
+    log: Callable[[str], None] = print,
+    poll_s: float = 10.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Train ``cfg`` on ``kube.nodes`` pods: render, submit and follow the Job; 'Complete' or TrainJobFailed.
+
+    ``run_id`` names the Job: the same id (a retried task of the same flow run) re-attaches to the run
+    in flight. The pods log to ``kube.mlflow_tracking_uri`` (the in-cluster server), not to the
+    caller's URI, which may be a local file or carry credentials.
+    """
+    kube = cfg.kube
+    resources = render_train_job(
+        cfg, image=kube.image, nodes=kube.nodes, gpus_per_node=kube.gpus_per_node, run_id=run_id,
+        namespace=kube.namespace, mlflow_run_id=mlflow_run_id,
+    )  # fmt: skip
+    log(f"training on {kube.nodes} nodes x {kube.gpus_per_node} GPUs: Job {kube.namespace}/{job_name(run_id)}")
+    return submit_and_follow(resources, kube.namespace, api=api, log=log, poll_s=poll_s, sleep=sleep)

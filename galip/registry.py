@@ -19,18 +19,36 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config
+from .redact import redact
 
-GATE_TAG_PREFIX = "gate."
+# Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
+LEGACY_METRIC_TAG_PREFIX = "gate."
 ORIGIN_TAG_PREFIX = "origin."
 # Runtime packages of the pyfunc; pinned to what this environment trained with.
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
 
 class RegistryError(RuntimeError):
-    """A registration input is missing or unusable; the message names it."""
+    """A registration input is missing or unusable, or MLflow did not take the model; the message names it."""
+
+
+@contextlib.contextmanager
+def _mlflow_step(what: str, cfg: Config, run_id: str) -> Iterator[None]:
+    """Turn an MLflow failure during ``what`` into one RegistryError that says what did not happen."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:
+        uri = redact(tracking_uri(cfg))
+        raise RegistryError(
+            f"could not {what} (MLflow at {uri}, run {run_id}): {type(exc).__name__}: {redact(str(exc))}; "
+            "no new version is registered. Check that the tracking server is reachable, then register again "
+            "(`galip register --checkpoint <ckpt> --metrics <metrics.json>`, or retry the flow run)"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -119,9 +137,10 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
     configure(cfg)
     origin = origin_tags(checkpoint)
     active = mlflow.active_run()
-    # The orchestrator may already hold run_id open (the flow's run); log into it rather than reopen it.
-    in_run = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
-    with tempfile.TemporaryDirectory() as tmp, in_run:
+    with tempfile.TemporaryDirectory() as tmp, _mlflow_step("log the model", cfg, run_id), contextlib.ExitStack() as in_run:
+        # The orchestrator may already hold run_id open (the flow's run); log into it rather than reopen it.
+        if not (active and active.info.run_id == run_id):
+            in_run.enter_context(mlflow.start_run(run_id=run_id))
         info = mlflow.pyfunc.log_model(
             name=cfg.mlflow.model_name,
             python_model=serving.GalipTextToImage(),
@@ -177,7 +196,7 @@ def gate_rule(cfg: Config) -> str:
 
 def _version_metric(client, name: str, version, metric: str) -> float | None:
     """The gate metric recorded at registration (tag), else the version's run metric."""
-    tag = version.tags.get(GATE_TAG_PREFIX + metric)
+    tag = version.tags.get(metric, version.tags.get(LEGACY_METRIC_TAG_PREFIX + metric))
     if tag is not None:
         return float(tag)
     if version.run_id:
@@ -267,11 +286,12 @@ def register(
 
     m = cfg.mlflow
     configure(cfg)
-    version = mlflow.register_model(model_uri, m.model_name).version
+    with _mlflow_step(f"register {model_uri} as {m.model_name}", cfg, run_id):
+        version = mlflow.register_model(model_uri, m.model_name).version
     client = MlflowClient(tracking_uri(cfg))
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
-            client.set_model_version_tag(m.model_name, version, GATE_TAG_PREFIX + key, f"{float(value):.6g}")
+            client.set_model_version_tag(m.model_name, version, key, f"{float(value):.6g}")
     client.set_model_version_tag(m.model_name, version, "mlflow_run_id", run_id)
     if selection:
         client.set_model_version_tag(m.model_name, version, "checkpoint_selection", selection)
@@ -311,14 +331,15 @@ def register_from_files(cfg: Config, metrics_path: Path | None, checkpoint: Path
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint)")
     configure(cfg)
-    if run_id is None:
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        with mlflow.start_run() as run:
-            run_id = run.info.run_id
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    mlflow.MlflowClient(tracking_uri(cfg)).log_batch(
-        run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in flat.items()]
-    )
+    with _mlflow_step("log the metrics", cfg, run_id or "(new)"):
+        if run_id is None:
+            mlflow.set_experiment(cfg.mlflow.experiment)
+            with mlflow.start_run() as run:
+                run_id = run.info.run_id
+        mlflow.MlflowClient(tracking_uri(cfg)).log_batch(
+            run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in flat.items()]
+        )
     model_uri = log_model(cfg, ckpt, run_id)
     version, decision = register(cfg, model_uri, run_id, flat)
     return {"model_uri": model_uri, "name": cfg.mlflow.model_name, "version": version, "run_id": run_id, **asdict(decision)}

@@ -3,7 +3,9 @@
 The orchestrator (Prefect flow, or a user) opens an MLflow run and passes its id down through
 ``MLFLOW_RUN_ID`` (and ``MLFLOW_TRACKING_URI``) to the torchrun workers. Without a run id nothing is
 logged to MLflow and the CSV/PNG outputs on disk remain the record; with one, a logging failure is
-reported once and training goes on (a flaky tracking server must not kill a multi-day run).
+reported when it first happens and training goes on (a flaky tracking server must not kill a
+multi-day run). Every failure is counted; ``Tracker.report`` states the count at the end of the run
+(log line, streamed into the flow's run log, and the run's ``galip.tracking_failures`` tag).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from .config import flatten
 from .redact import redact
 
 log = logging.getLogger("galip.tracking")
+FAILURES_TAG = "galip.tracking_failures"
+# A metric keeps its metrics.json name (`fid`) in params, MLflow and tags; that name in a run is the
+# evaluation's number (what the gate reads). In-training estimates (train.eval_samples images, fewer
+# than eval.n_samples) are a different measurement and carry this prefix: `train_eval/fid`.
+TRAIN_EVAL_PREFIX = "train_eval/"
 
 # Config sections each stage reads. A run logs these as MLflow params (its full resolved config is an
 # artifact), so the run page lists what shaped the run, not every setting of every deployment target.
@@ -37,12 +44,14 @@ def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
 
 
 class Tracker:
-    """No-op unless enabled; every call is guarded so tracking never breaks the job."""
+    """No-op unless enabled; every call is guarded so tracking never breaks the job, and counted."""
 
     def __init__(self, enabled: bool) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID", "") if enabled else ""
         self._client = None
-        self._warned = False
+        self.calls = 0
+        self.failures = 0
+        self._first_failure = ""
         if self.run_id:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow.tracking import MlflowClient
@@ -56,12 +65,30 @@ class Tracker:
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if self._client is None:
             return
+        self.calls += 1
         try:
             fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - reported, never fatal
-            if not self._warned:
-                log.warning("MLflow %s failed (%s: %s); continuing without it", what, type(exc).__name__, redact(str(exc)))
-                self._warned = True
+        except Exception as exc:  # noqa: BLE001 - counted and reported, never fatal
+            self.failures += 1
+            if self.failures == 1:
+                self._first_failure = f"{what}: {type(exc).__name__}: {redact(str(exc))}"
+                log.warning("MLflow %s failed; training goes on, further failures are counted and reported at the end of the run", self._first_failure)
+            else:
+                log.debug("MLflow %s failed (%s)", what, type(exc).__name__)
+
+    def report(self) -> int:
+        """End of run: the number of failed logging calls, as a log line and as the run's tag; returns it."""
+        if self._client is None:
+            return 0
+        self._guard("set_tag", self._client.set_tag, self.run_id, FAILURES_TAG, str(self.failures))
+        if self.failures:
+            log.warning(
+                "MLflow: %d of %d logging calls to run %s failed (first: %s); the MLflow run is incomplete, "
+                "the files in train.out_dir are the full record", self.failures, self.calls, self.run_id, self._first_failure,
+            )  # fmt: skip
+        else:
+            log.info("MLflow: all %d logging calls to run %s succeeded", self.calls, self.run_id)
+        return self.failures
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self._client is None:

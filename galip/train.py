@@ -46,7 +46,7 @@ from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .redact import redact
 from .runlock import run_lock
-from .tracking import Tracker, stage_params
+from .tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params
 
 log = logging.getLogger("galip.train")
 
@@ -105,9 +105,11 @@ class Trainer:
         g, d, c = self.net_g, self.net_d, self.net_c
         if self.env.distributed:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            # NetD keeps the reference's never-applied 1x1 shortcut convs; DDP must not wait for them.
-            # DDP has no public way to exclude parameters; this static helper is what its docs name.
-            DDP._set_params_and_buffers_to_ignore_for_model(d, d.unused_parameter_names())
+            # NetD keeps the reference's never-applied 1x1 shortcut convs (state-dict layout); DDP must not
+            # wait for their gradients. DDP only reduces parameters that require grad: freezing them is the
+            # public way (they never get a gradient anyway, so Adam and the checkpoints are unchanged).
+            for name in d.unused_parameter_names():
+                d.get_parameter(name).requires_grad_(False)
             g, d, c = (DDP(m, device_ids=ids) for m in (g, d, c))
         # The real-image path stays eager: MA-GP differentiates C(D(real)) twice, and compiled graphs
         # do not support double backward. Everything else (G, the fake path, the G phase) may compile.
@@ -612,7 +614,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
                 evaluated_at = step
                 scores = evaluator(trainer.sampler)
                 eval_log.write({"step": step, **{k: round(v, 4) for k, v in scores.items()}})
-                tracker.log_metrics(scores, step)
+                tracker.log_metrics({TRAIN_EVAL_PREFIX + k: v for k, v in scores.items()}, step)
                 if best.consider(step, path, scores):
                     log.info("step %d: best %s so far (%.4g)", step, best.metric, scores[best.metric])
                 bar.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
@@ -624,6 +626,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if env.is_main and cfg.train.checkpoint_uri:
         result["checkpoint_uploads"] = uploads.as_dict()
         _report_uploads(cfg, uploads, ckpt_dir, tracker, trainer.step)
+    result["mlflow_failures"] = tracker.report()
     return result
 
 

@@ -84,3 +84,46 @@ def test_gate_settings_are_checked_before_any_work():
     for metric in ("prompt_fidelity", "prompt_fidelity_colour", "clip_score_eval", "r_precision"):
         check_gate_metric(load_config("params.yaml", [f"mlflow.gate_metric={metric}"], profile="demo"))
     check_gate_metric(load_config("params.yaml", [], profile="cc12m"))
+
+
+def test_code_holds_no_config_values():
+    """params.yaml is the one source: no section model may carry a default that could disagree with it."""
+    from pydantic_core import PydanticUndefined
+
+    from galip.config import SECTIONS, Config
+
+    with_default = [
+        f"{section}.{name}"
+        for section in SECTIONS
+        for name, field in Config.model_fields[section].annotation.model_fields.items()
+        if field.default is not PydanticUndefined or field.default_factory is not None
+    ]
+    with_default += [name for name, field in Config.model_fields.items() if field.default is not PydanticUndefined]
+    assert with_default == [], f"defaults in galip/config.py (set them in params.yaml instead): {with_default}"
+
+
+def test_every_key_must_be_in_params(tmp_path):
+    raw = yaml.safe_load(open("params.yaml"))
+    del raw["train"]["max_steps"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"train\.max_steps: missing"):
+        load_config(path, profile="cc12m")
+
+
+def test_old_saved_config_gets_new_keys_from_params(caplog, tmp_path):
+    """A checkpoint saved before a key existed still loads: the key comes from params.yaml (saved profile), with a warning."""
+    from galip.config import config_from_dict
+
+    saved = load_config("params.yaml", ["train.lr_g=3e-4"], profile="demo").to_dict()
+    del saved["train"]["eval_every"], saved["data"]["max_skip_fraction"], saved["clip_pretrain"]
+    with caplog.at_level("WARNING", logger="galip.config"):
+        cfg = config_from_dict(saved)
+    demo = load_config("params.yaml", profile="demo")
+    assert cfg.train.lr_g == 3e-4, "saved values stay"
+    assert cfg.train.eval_every == demo.train.eval_every and cfg.clip_pretrain == demo.clip_pretrain
+    assert cfg.data.max_skip_fraction == demo.data.max_skip_fraction
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "clip_pretrain, data.max_skip_fraction, train.eval_every" in warning and "profile demo" in warning
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        config_from_dict(saved, params=tmp_path / "absent.yaml")

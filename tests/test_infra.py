@@ -338,12 +338,14 @@ class FakeAPI:
 
     def __init__(self, states: list, pods: list, logs: dict[str, str], existing: set[str] = frozenset(), before=()):
         self.calls: list[tuple] = []
+        self.created: list[dict[str, Any]] = []  # bodies as submitted
         self.states, self.pods, self.logs, self.existing = list(states), pods, logs, set(existing)
         self.before = list(before)  # answers to read_namespaced_job before anything is created
         self.core, self.batch = self, self
 
     def _create(self, kind, namespace, body):
         self.calls.append(("create", kind, body["metadata"]["name"]))
+        self.created.append(copy.deepcopy(body))
         if body["metadata"]["name"] in self.existing:
             raise ApiException(status=409, reason="AlreadyExists")
 
@@ -473,6 +475,59 @@ def test_resubmission_waits_for_a_terminating_job(rendered):
 def test_resources_must_hold_one_job(rendered):
     with pytest.raises(ValueError, match="exactly one Job"):
         kube.submit_and_follow(rendered[:2], "galip", api=FakeAPI([_job()], [], {}))
+
+
+# ------------------------------------------------------------------ the flow's train task: Job or torchrun here
+
+
+def flow_params(*overrides: str):
+    from flows.galip_train import GalipTrainParams
+
+    return GalipTrainParams(profile="cc12m", overrides=[f"data.shards={SHARDS}", *overrides], register_model=False)
+
+
+def test_flow_trains_on_several_nodes_through_an_indexed_job():
+    from flows.galip_train import launch_training
+
+    params = flow_params("kube.nodes=3", "kube.gpus_per_node=2")
+    pods = [_pod("p0", "0", "Running", 0)]
+    api = FakeAPI(states=[_job(), _job(("Complete", "Completed"))], pods=pods, logs={"p0": "step 10 loss_d 1.2\n"})
+    lines: list[str] = []
+    launch_training(params, "mlflow-run-1", "sqlite:///not-for-pods.db", RUN_ID, lines.append, kube_api=api)
+
+    assert [c[1] for c in api.calls if c[0] == "create"] == ["ConfigMap", "Service", "Job"]
+    for body in api.created:
+        validate(body)
+    cm, _, job, _, container = parts(api.created)
+    assert job["metadata"]["name"] == kube.job_name(RUN_ID) and job["spec"]["completions"] == 3
+    assert {"--nnodes=3", "--nproc-per-node=2", f"--rdzv-id={RUN_ID}", "--resume"} <= set(container["command"])
+    env = env_of(container)
+    assert env["MLFLOW_RUN_ID"]["value"] == "mlflow-run-1", "the pods log into the flow's MLflow run"
+    assert env["MLFLOW_TRACKING_URI"]["value"] == params.config().kube.mlflow_tracking_uri, "the in-cluster server, not the caller's file"
+    shipped = yaml.safe_load(cm["data"][kube.PARAMS_FILE])
+    assert Config.model_validate({k: v for k, v in shipped.items() if k != "profiles"}) == params.config()
+    assert "[train] step 10 loss_d 1.2" in lines
+
+
+def test_flow_train_task_fails_with_the_job():
+    from flows.galip_train import launch_training
+
+    api = FakeAPI(states=[_job(("Failed", "BackoffLimitExceeded"))], pods=[], logs={})
+    with pytest.raises(kube.TrainJobFailed, match="BackoffLimitExceeded"):
+        launch_training(flow_params("kube.nodes=2"), "r", "sqlite:///unused.db", RUN_ID, print, kube_api=api)
+
+
+@pytest.mark.slow
+def test_flow_trains_one_node_with_torchrun_here(tmp_path):
+    from flows.galip_train import StageFailed, launch_training
+
+    # One node: torchrun --standalone in this pod, no Kubernetes call. The stage fails fast here
+    # (the CLIP weights file is missing), and the failure names the command it ran.
+    api = FakeAPI(states=[_job()], pods=[], logs={})
+    params = flow_params("flow.nproc_per_node=1", "train.device=cpu", f"train.out_dir={tmp_path}/run", f"model.clip_pretrained={tmp_path}/no.pt")
+    with pytest.raises(StageFailed, match=r"torchrun --standalone --nproc_per_node=1 -m galip.train"):
+        launch_training(params, "", "", RUN_ID, print, kube_api=api)  # no MLflow run: the stage logs nowhere
+    assert api.calls == []
 
 
 # ------------------------------------------------------------------ Prefect work pool base job template

@@ -70,7 +70,7 @@ def test_gate_needs_the_bar_and_writes_rule_and_decision_rounded_into_the_descri
     assert not low["promoted"] and low["champion_version"] is None
     assert low["reason"] == "v1 prompt_fidelity=1.4 misses the bar (at least 1.5); no champion yet"
     version = tracking.get_model_version(name, "1")
-    assert version.tags["gate.prompt_fidelity"] == "1.4" and version.tags["gate_decision"] == low["reason"]
+    assert version.tags["prompt_fidelity"] == "1.4" and version.tags["gate_decision"] == low["reason"]
     assert "**Gate rule**: `champion` moves to a new version when its `prompt_fidelity` is at least 1.5 (`mlflow.gate_bar`)" in version.description
     assert f"**Decision**: {low['reason']}." in version.description and "prompt_fidelity 1.4," in version.description
     high = register_candidate(cfg, tiny_checkpoint, 2.0, tmp_path)

@@ -19,8 +19,13 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-# torchmetrics' Fréchet formula (eigenvalue form, numerically safer than scipy's sqrtm); private
-# name, pinned by torchmetrics==1.9.0 in pyproject.toml.
+# torchmetrics' Fréchet formula (eigenvalue form, numerically safer than scipy's sqrtm). It is private,
+# and no public API fits: the only public entry, FrechetInceptionDistance.compute(), needs both image
+# sets pushed through update() of one metric object in this process (it takes its output dtype from
+# the last update), whereas the reference side here is a cached statistic computed once per reference
+# set. torchmetrics has no public function of two Gaussians (torch-fidelity's fid_statistics_to_metric
+# is numpy-only and not in its public API either). Pinned by torchmetrics==1.9.0 in pyproject.toml;
+# tests/test_metrics.py checks the result against the public compute() on the same images.
 from torchmetrics.image.fid import _compute_fid
 
 if TYPE_CHECKING:
@@ -72,8 +77,10 @@ class FeatureAccumulator:
     def stats(self) -> FrechetStats:
         """Collective under torch.distributed: every rank must call it."""
         m = self.metric
+        # metric_state (public): the states FrechetInceptionDistance registers with add_state, summed over ranks here.
         with m.sync_context():
-            return FrechetStats.from_sums(m.fake_features_sum, m.fake_features_cov_sum, int(m.fake_features_num_samples))
+            state = m.metric_state
+            return FrechetStats.from_sums(state["fake_features_sum"], state["fake_features_cov_sum"], int(state["fake_features_num_samples"]))
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -1,0 +1,142 @@
+"""MLflow failures while training and registering: every failed logging call is counted and reported at
+the end of the run; a model that MLflow did not take fails registration with one clear message.
+
+Real stores only: a SQLite tracking store whose run is deleted mid-run (later calls are refused), and a
+closed loopback port as the unreachable tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from galip.cli import main
+from galip.config import load_config
+from galip.train import run
+
+from helpers import tiny_config, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def dead_tracking(monkeypatch) -> str:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries a refused call for minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    return uri
+
+
+def _messages(caplog, level=logging.WARNING) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "galip.tracking" and r.levelno >= level]
+
+
+def test_failures_after_the_first_are_counted_and_reported(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    from galip.tracking import FAILURES_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("tracking")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    tracker = Tracker(enabled=True)
+    with caplog.at_level(logging.DEBUG, logger="galip.tracking"):
+        tracker.log_metrics({"loss_d": 1.0}, 1)
+        tracker.log_metrics({"loss_d": 0.9}, 2)
+        client.delete_run(run_id)  # from here on the store refuses every write to the run
+        for step in range(3, 6):
+            tracker.log_metrics({"loss_d": 0.8}, step)
+        failures = tracker.report()
+    assert failures == 4, "three metric batches and the end-of-run tag"
+    first, last = _messages(caplog)
+    assert "log_metrics" in first and "further failures are counted" in first
+    assert f"4 of 6 logging calls to run {run_id} failed" in last
+    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [1, 2]
+
+    client.restore_run(run_id)  # a healthy run gets the count (0) as a tag
+    healthy = Tracker(enabled=True)
+    healthy.log_metrics({"loss_d": 0.7}, 6)
+    assert healthy.report() == 0 and client.get_run(run_id).data.tags[FAILURES_TAG] == "0"
+
+
+def test_training_against_a_dead_server_finishes_and_reports_the_count(tmp_path, dead_tracking, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
+    shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
+    with caplog.at_level(logging.WARNING):
+        result = run(tiny_config(tmp_path, shards, "train.max_steps=2"))
+    assert result["step"] == 2 and (tmp_path / "run/checkpoints").is_dir()
+    # params, image at step 0, 2 x metrics, 1 x image at step 2, the end-of-run tag
+    assert result["mlflow_failures"] >= 5
+    first, last = _messages(caplog)
+    assert "further failures are counted" in first
+    assert f"{result['mlflow_failures']} of {result['mlflow_failures']} logging calls" in last
+
+
+def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys):
+    from galip.registry import RegistryError, log_model
+
+    cfg = load_config("params.yaml", profile="demo")
+    with pytest.raises(RegistryError, match=r"could not log the model \(MLflow at http://127\.0\.0\.1:\d+, run abc\).*no new version is registered"):
+        log_model(cfg, tiny_checkpoint, "abc")
+    # The CLI: one error line, exit code 2, no traceback.
+    assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: could not log the model" in err and dead_tracking in err
+
+
+# --- one name per metric: metrics.json's key is the MLflow metric and the model version's tag ----------
+@pytest.fixture
+def sqlite_tracking(tmp_path, monkeypatch) -> str:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking, monkeypatch):
+    import mlflow
+
+    client = mlflow.MlflowClient(sqlite_tracking)
+    run_id = client.create_run(client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
+    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]", f"eval.out_dir={tmp_path / 'eval'}"))
+    metrics = client.get_run(run_id).data.metrics
+    assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
+    assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]
+
+
+def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoint, tmp_path, sqlite_tracking):
+    import json
+
+    import mlflow
+
+    from galip.registry import gate, register_from_files
+
+    cfg = load_config(
+        ROOT / "params.yaml",
+        ["mlflow.model_name=galip-names", "mlflow.gate_metric=prompt_fidelity", "mlflow.gate_direction=higher", "mlflow.gate_bar=0"],
+        profile="demo",
+    )
+    client = mlflow.MlflowClient(sqlite_tracking)
+    client.create_experiment(cfg.mlflow.experiment, artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"prompt_fidelity": 2.0, "protocol": {"checkpoint": str(tiny_checkpoint)}}))
+    first = register_from_files(cfg, metrics, None, None)
+    name, version = cfg.mlflow.model_name, first["version"]
+    assert client.get_model_version(name, version).tags["prompt_fidelity"] == "2"
+    assert client.get_run(first["run_id"]).data.metrics == {"prompt_fidelity": 2.0}
+
+    # A champion registered before the rename carries gate.<metric>: the gate still reads it.
+    client.delete_model_version_tag(name, version, "prompt_fidelity")
+    client.set_model_version_tag(name, version, "gate.prompt_fidelity", "2")
+    decision = gate(cfg, "2", 1.5)
+    assert not decision.promoted and "does not beat champion v1 (2)" in decision.reason

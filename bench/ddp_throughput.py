@@ -26,7 +26,7 @@ def run(nprocs: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nprocs)),
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-           "-m", "galip.train", "--profile", args.profile, "-S", f"train.out_dir={out}",
+           "-m", "galip", "train", "--profile", args.profile, "-S", f"train.out_dir={out}",
            "-S", f"train.max_steps={args.steps}", "-S", f"train.batch_size={args.batch}",
            "-S", "train.log_every=1", "-S", f"train.sample_every={args.steps * 10}", "-S", f"train.ckpt_every={args.steps * 10}",
            "-S", f"data.shards_dir={args.shards}", *sum((["-S", s] for s in args.set), [])]

@@ -391,7 +391,7 @@ def section_ddp(args: argparse.Namespace, device: torch.device, tmp: Path, nproc
     batch = min(args.batch, 16)
     steps = 6
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "galip.train",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "galip", "train",
         "--params", str(ROOT / "params.yaml"), "--profile", args.profile,
         "-S", "model.clip_pretrained=", "-S", f"data.shards_dir={shards}", "-S", "data.workers=2",
         "-S", f"train.device={'cuda' if device.type == 'cuda' else 'cpu'}", "-S", f"train.batch_size={batch}",

@@ -155,8 +155,8 @@ def stage_commands(params: GalipTrainParams) -> dict[str, list[str]]:
     torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
     commands = {
         "download": ["galip", "download", *base, *extra],
-        "train": [*torchrun, "-m", "galip.train", *base, *extra, *clip, "--resume"],
-        "evaluate": [*(torchrun + ["-m", "galip.evaluate"] if nproc > 1 else ["galip", "evaluate"]), *base, *extra, *clip],
+        "train": [*torchrun, "-m", "galip", "train", *base, *extra, *clip, "--resume"],
+        "evaluate": [*(torchrun + ["-m", "galip", "evaluate"] if nproc > 1 else ["galip", "evaluate"]), *base, *extra, *clip],
     }
     if cfg.clip_pretrain.enabled:
         commands["clip"] = ["galip", "train-clip", *base, *extra]
@@ -424,7 +424,7 @@ def training_samples_markdown(samples_dir: Path, prompts: list[str], links: Link
 @task(name="train", persist_result=True)
 @redacted_errors
 def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
-    """torchrun -m galip.train here, or on kube.nodes pods; the trainer logs losses and sample grids to the MLflow run itself."""
+    """torchrun -m galip train here, or on kube.nodes pods; the trainer logs losses and sample grids to the MLflow run itself."""
     from galip.checkpoint import latest_checkpoint
 
     # The flow run's id names the Job, so a retried task follows the Job already running.

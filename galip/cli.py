@@ -128,7 +128,7 @@ def train(
     ] = False,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip.train`)."""
+    """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip train`)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .train import run
 

@@ -243,16 +243,3 @@ def make_demo_dataset(out_dir: str | Path, n_images: int, image_size: int, seed:
     frame = pd.DataFrame(rows)
     frame.to_parquet(out_dir / "urls.parquet", index=False)
     return {"url_list": str(out_dir / "urls.parquet"), "images": n_images, "broken": len(rows) - n_images}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m galip.demo_data [--profile demo] [-S ...]``: the ``galip demo-data`` command in-process."""
-    from .cli import main as cli_main
-
-    return cli_main(["demo-data", *(argv or [])])
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

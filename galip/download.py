@@ -231,7 +231,7 @@ def _check_spawnable_main() -> None:
     if main_file and not Path(main_file).exists():
         raise RuntimeError(
             f"galip download cannot run from {main_file!r}: img2dataset's worker processes re-import the "
-            "main script. Run `galip download`, `python -m galip.download`, or a script saved to a file."
+            "main script. Run `galip download`, `python -m galip download`, or a script saved to a file."
         )
 
 
@@ -438,13 +438,3 @@ def run(cfg: Config) -> dict[str, Any]:
     _write_json(paths["report"], report)
     print_report(report)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["download", *(argv or [])])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Evaluate a GALIP checkpoint: FID, fd_clip, CLIP scores, R-precision and (demo) prompt fidelity.
 
     galip evaluate --profile demo [--checkpoint runs/demo/checkpoints/ckpt_00000600.pt]
-    torchrun --nproc_per_node=8 -m galip.evaluate --profile cc12m
+    torchrun --nproc_per_node=8 -m galip evaluate --profile cc12m
 
 Each rank generates its share of ``eval.n_samples`` images (sample i: prompt i, latent i, on rank
 i % world_size, so results do not depend on the number of ranks) and feeds every metric in
@@ -223,15 +223,3 @@ class TrainingEvaluator:
 # Errors caused by inputs (missing weights, shards, checkpoint; bad settings): the CLI prints them
 # without a traceback. InceptionWeightsError and ReferenceSetError are FileNotFoundErrors.
 USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError, UserError)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["evaluate", *(argv or [])])
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

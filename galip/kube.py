@@ -24,7 +24,7 @@ creation order:
 3. an Indexed Job (``completions = parallelism = nodes``) whose pods each run
    ``torchrun --nnodes=N --nproc-per-node=G --node-rank=$(NODE_RANK) --rdzv-backend=c10d
    --rdzv-endpoint=<job>-0.<svc>.<ns>.svc.<domain>:<port> --rdzv-id=<run_id> --max-restarts=K
-   -m galip.train --params /etc/galip/params.yaml --profile <profile> --resume``.
+   -m galip train --params /etc/galip/params.yaml --profile <profile> --resume``.
 
 ``submit_and_follow`` creates them with the official ``kubernetes`` client (an existing resource
 of the same name is adopted, so a retried task re-attaches instead of starting a second run),
@@ -141,7 +141,8 @@ def torchrun_command(
         f"--rdzv-conf=join_timeout={join_timeout}",
         f"--max-restarts={max_restarts}",
         "-m",
-        "galip.train",
+        "galip",
+        "train",
         "--params",
         f"{PARAMS_MOUNT}/{PARAMS_FILE}",
         "--profile",

@@ -1,7 +1,7 @@
 """GALIP training: one readable loop, single process or under torchrun (DDP).
 
-    python -m galip.train --profile demo
-    torchrun --nproc_per_node=8 -m galip.train --profile cc12m --resume
+    galip train --profile demo
+    torchrun --nproc_per_node=8 -m galip train --profile cc12m --resume
 
 Each iteration is the reference's two explicit phases: a D phase (hinge on real / fake / mismatched
 pairs + MA-GP on the CLIP features and the sentence) and a G phase (adversarial + CLIP similarity).
@@ -628,15 +628,3 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         _report_uploads(cfg, uploads, ckpt_dir, tracker, trainer.step)
     result["mlflow_failures"] = tracker.report()
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(argv or [])])
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from galip import demo_data as dd
+from galip.cli import main as cli_main
 from galip.demo_data import (
     SceneAttributes,
     Wording,
@@ -149,8 +150,8 @@ def test_rendered_scene_shows_its_attributes_at_64px(attrs):
 def test_demo_data_cli_generates_once(tmp_path):
     url_list = tmp_path / "source/urls.parquet"
     args = ["--profile", "demo", "-S", f"data.url_list={url_list}", "-S", "data.demo_images=12", "-S", "data.demo_broken=false"]
-    assert dd.main(args) == 0
+    assert cli_main(["demo-data", *args]) == 0
     first = _digest(tmp_path / "source")
     assert len(pd.read_parquet(url_list)) == 12 and len(first) == 13
     mtime = url_list.stat().st_mtime_ns
-    assert dd.main(args) == 0 and url_list.stat().st_mtime_ns == mtime  # present: left alone
+    assert cli_main(["demo-data", *args]) == 0 and url_list.stat().st_mtime_ns == mtime  # present: left alone

@@ -35,7 +35,7 @@ def _env() -> dict[str, str]:
 def _train_cmd(tmp: Path, shards: Path, *extra: str, restarts: int = 0) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        f"--max-restarts={restarts}", "-m", "galip.train", "--profile", "demo", "--resume",
+        f"--max-restarts={restarts}", "-m", "galip", "train", "--profile", "demo", "--resume",
         "-S", f"data.shards_dir={shards}", "-S", "data.workers=0", "-S", "data.shuffle_buffer=8",
         "-S", f"train.out_dir={tmp}", "-S", "train.batch_size=2", "-S", "train.sample_every=1000",
         "-S", "train.log_every=1", "-S", "train.keep_checkpoints=20",
@@ -74,7 +74,7 @@ def test_ranks_see_disjoint_data(tmp_path, shards):
 
 
 def _worker_pids(parent: psutil.Process) -> list[psutil.Process]:
-    return [p for p in parent.children(recursive=True) if "galip.train" in " ".join(p.cmdline())]
+    return [p for p in parent.children(recursive=True) if "galip train" in " ".join(p.cmdline())]
 
 
 def test_killed_worker_restarts_and_resumes_to_the_same_weights(tmp_path, shards):

@@ -164,7 +164,7 @@ def test_two_ranks_give_the_single_process_numbers(trained, shards, tmp_path):
     out = tmp_path / "dist"
     opts = overrides(tmp, shards, f"eval.out_dir={out}", f"eval.ref_stats_dir={tmp_path / 'dist_ref'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "galip.evaluate", "--checkpoint", str(ckpt), "--profile", "demo", *[a for o in opts for a in ("-S", o)]]
+           "-m", "galip", "evaluate", "--checkpoint", str(ckpt), "--profile", "demo", *[a for o in opts for a in ("-S", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -195,7 +195,7 @@ def check_killed_run_leaves_nothing(project: Path, server: dict, client) -> None
     params = {"profile": "demo", "overrides": ["clip_pretrain.enabled=false", "train.out_dir=runs/killed", "train.max_steps=100000"]}
     started = prefect(project, server, "deployment", "run", "galip-train/demo", "--param", f"params={json.dumps(params)}", timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
-    wait_for_process(("-u -m galip.train", "runs/killed"), timeout=300)  # the trainer, under torchrun
+    wait_for_process(("-u -m galip train", "runs/killed"), timeout=300)  # the trainer, under torchrun
     home = server["home"]
     worker = psutil.Process(int((home / "worker.pid").read_text()))
     tree = [p for engine in worker.children() for p in (engine, *engine.children(recursive=True))]

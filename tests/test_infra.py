@@ -251,10 +251,11 @@ def test_torchrun_command_parses_with_torchrun_and_galip(cfg, rendered, tmp_path
     host, port = args.rdzv_endpoint.rsplit(":", 1)
     assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}.galip.svc.cluster.local"
     assert int(port) == cfg.kube.rdzv_port
-    assert args.module and args.training_script == "galip.train"
-    train_args = args.training_script_args
+    assert args.module and args.training_script == "galip"
+    stage, *train_args = args.training_script_args
+    assert stage == "train"
     assert "--resume" in train_args and train_args[train_args.index("--profile") + 1] == "cc12m"
-    # What galip.train receives must parse, with the params the ConfigMap carries.
+    # What `galip train` receives must parse, with the params the ConfigMap carries.
     params = tmp_path / "params.yaml"
     params.write_text(cm["data"][kube.PARAMS_FILE])
     train_args[train_args.index("--params") + 1] = str(params)
@@ -525,7 +526,7 @@ def test_flow_trains_one_node_with_torchrun_here(tmp_path):
     # (the CLIP weights file is missing), and the failure names the command it ran.
     api = FakeAPI(states=[_job()], pods=[], logs={})
     params = flow_params("flow.nproc_per_node=1", "train.device=cpu", f"train.out_dir={tmp_path}/run", f"model.clip_pretrained={tmp_path}/no.pt")
-    with pytest.raises(StageFailed, match=r"torchrun --standalone --nproc_per_node=1 -m galip.train"):
+    with pytest.raises(StageFailed, match=r"torchrun --standalone --nproc_per_node=1 -m galip train"):
         launch_training(params, "", "", RUN_ID, print, kube_api=api)  # no MLflow run: the stage logs nowhere
     assert api.calls == []
 

@@ -6,7 +6,7 @@ runs (tests/test_flow.py checks that they are equal). With ``flow.use_dvc`` (dem
 and dvc.lock records what was produced from what, whether the flow or a user ran it. Without it
 (production pods, or parameter overrides from the Prefect form) the commands run directly and the
 train stage resumes from the newest checkpoint in ``train.out_dir``. With ``kube.nodes > 1`` the train
-task instead submits an Indexed Job (galip.kube.train_job), streams pod 0's log and fails when the
+task instead submits an Indexed Job (galip.ops.kube.train_job), streams pod 0's log and fails when the
 Job fails; one node trains here with ``torchrun --standalone``.
 
 Re-running after a failure skips completed steps: a retried flow run reuses the persisted results of
@@ -49,8 +49,8 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from galip.config import Config, ConfigError, load_config
-from galip.kube import runs_as_job, train_job
-from galip.redact import RedactFilter, redact
+from galip.ops.kube import runs_as_job, train_job
+from galip.ops.redact import RedactFilter, redact
 
 ROOT = Path.cwd()
 TELEMETRY_OFF = {
@@ -117,7 +117,7 @@ class GalipTrainParams(BaseModel):
     def _resolves(self) -> GalipTrainParams:
         cfg = self.config()  # unknown keys, wrong types, unknown profile: rejected here, naming the key
         if self.register_model:
-            from galip.registry import check_gate_metric
+            from galip.ops.registry import check_gate_metric
 
             try:
                 check_gate_metric(cfg)
@@ -235,7 +235,7 @@ def run_stage(
 def launch_training(
     params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, run_id: str, log: Callable[[str], None], kube_api: Any = None
 ) -> None:
-    """kube.nodes > 1: an Indexed Job through galip.kube (the task fails with the Job); else the train stage here."""
+    """kube.nodes > 1: an Indexed Job through galip.ops.kube (the task fails with the Job); else the train stage here."""
     cfg = params.config()
     if runs_as_job(cfg):
         train_job(cfg, run_id=run_id, mlflow_run_id=mlflow_run_id, api=kube_api, log=lambda line: log(f"[train] {line}"))
@@ -333,7 +333,7 @@ def end_mlflow_run_if_running(tracking_uri: str, run_id: str) -> Callable[[], No
 @redacted_errors
 def preflight(params: GalipTrainParams) -> str:
     """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later."""
-    from galip.preflight import missing_prerequisites
+    from galip.ops.preflight import missing_prerequisites
 
     problems = missing_prerequisites(params.config())
     if problems:
@@ -480,7 +480,7 @@ def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, trac
     get_run_logger().info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
     protocol = metrics.get("protocol", {})
     chosen = protocol.get("checkpoint") or checkpoint
-    from galip.registry import selection_text
+    from galip.ops.registry import selection_text
 
     selection = selection_text(protocol.get("selected_by"), chosen)
     get_run_logger().info("evaluated %s", selection)
@@ -494,7 +494,7 @@ def register(params: GalipTrainParams, evaluation: dict[str, Any], mlflow_run_id
     the version's description and a Prefect artifact."""
     from dataclasses import asdict
 
-    from galip import registry
+    from galip.ops import registry
 
     cfg = params.config()
     m = cfg.mlflow
@@ -520,7 +520,7 @@ def register(params: GalipTrainParams, evaluation: dict[str, Any], mlflow_run_id
 # ---------------------------------------------------------------------------------------------
 def absolute_tracking_uri(cfg: Config) -> str:
     """Stage processes may run elsewhere in the tree: make a relative SQLite path absolute."""
-    from galip.registry import tracking_uri
+    from galip.ops.registry import tracking_uri
 
     uri = tracking_uri(cfg)
     prefix = "sqlite:///"
@@ -538,7 +538,7 @@ def git_commit() -> tuple[str, bool]:
 
 def run_params(cfg: Config, stages: list[str], world_size: int) -> dict[str, str]:
     """The sections this run's stages read, flattened as MLflow params (the full config is an artifact)."""
-    from galip.tracking import flatten, stage_params
+    from galip.ops.tracking import flatten, stage_params
 
     return {k: str(v)[:6000] for k, v in flatten({**stage_params(cfg, stages), "flow": cfg.flow.model_dump(mode="json"), "world_size": world_size}).items()}
 

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from .config import Config, ConfigError, load_config
 from .errors import UserError
-from .redact import RedactFilter
+from .ops.redact import RedactFilter
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -282,7 +282,7 @@ def register(
 ) -> None:
     """Log the generator as an MLflow pyfunc, register it (alias challenger) and apply the champion gate."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .registry import RegistryError, register_from_files
+    from .ops.registry import RegistryError, register_from_files
 
     try:
         result = register_from_files(cfg, metrics, checkpoint, run_id)

@@ -152,7 +152,7 @@ def report(cfg: Config, result: dict[str, Any]) -> None:
     """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
     from .clip_probe import flat_metrics
     from .evaluate import write_json_atomic
-    from .tracking import Tracker
+    from .ops.tracking import Tracker
 
     path = Path(cfg.clip_pretrain.report_path)
     write_json_atomic(path, result)

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from .errors import UserError
-from .redact import has_credentials, redact
+from .ops.redact import has_credentials, redact
 
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class Toleration(_Section):
 
 
 class KubeConfig(_Section):
-    """Kubernetes placement of the training run (galip.kube renders it; infra/ deploys the cluster side).
+    """Kubernetes placement of the training run (galip.ops.kube renders it; infra/ deploys the cluster side).
 
     nodes = 1 trains inside the Prefect flow-run pod; nodes > 1 makes the train task submit an Indexed
     Job whose pods rendezvous through c10d. Names here must match infra/ (pool, secrets, PVC).

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .config import DataConfig
-from .storage import s3_filesystem
+from .ops.storage import s3_filesystem
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PARTIAL_BATCH = "partial_last_batch"

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import losses
-from . import storage
+from .ops import storage
 from .checkpoint import (
     capture_rng,
     checkpoint_path,
@@ -44,9 +44,9 @@ from .errors import UserError
 from .grid import save_labelled_grid
 from .models import NetC, NetD, NetG, build_nets
 from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
-from .redact import redact
+from .ops.redact import redact
 from .runlock import run_lock
-from .tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params
+from .ops.tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params
 
 log = logging.getLogger("galip.train")
 

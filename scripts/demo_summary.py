@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     if cfg.mlflow.champion_alias in aliases:
         serve = f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001"
         lines.append(f"  serve it        {serve}")
-    from galip.redact import redact
+    from galip.ops.redact import redact
 
     print(redact("\n".join(lines)))  # a tracking URI from the environment may hold a password
     return 0

@@ -75,7 +75,7 @@ def test_cli_rejects_before_work_and_dry_run_prints(capsys, tmp_path):
 
 
 def test_gate_settings_are_checked_before_any_work():
-    from galip.registry import check_gate_metric
+    from galip.ops.registry import check_gate_metric
 
     with pytest.raises(ConfigError, match="mlflow.gate_bar"):
         load_config("params.yaml", ["mlflow.gate_bar=.inf"], profile="demo")

@@ -282,7 +282,7 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from galip.serving import GalipTextToImage
+    from galip.ops.serving import GalipTextToImage
 
     with pytest.raises(MlflowException) as err:
         GalipTextToImage().predict(None, pd.DataFrame(data), params)  # refused before the model is touched
@@ -302,6 +302,6 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
     ],
 )
 def test_redact_masks_credentials_in_uris(text, shown):
-    from galip.redact import redact
+    from galip.ops.redact import redact
 
     assert redact(text) == shown

@@ -1,4 +1,4 @@
-"""infra/ and galip.kube without a cluster: schema validation, cross-file consistency, the submitter on fakes.
+"""infra/ and galip.ops.kube without a cluster: schema validation, cross-file consistency, the submitter on fakes.
 
 Kubernetes objects are validated (strict: unknown fields are errors) with kubernetes-validate's
 bundled schemas for K8S_VERSION, the oldest minor we support (Indexed Job + podReplacementPolicy).
@@ -24,7 +24,7 @@ import yaml
 from hcl2.utils import SerializationOptions
 from kubernetes.client.exceptions import ApiException
 
-from galip import kube
+from galip.ops import kube
 from galip.cli import main as cli_main
 from galip.config import Config, load_config
 
@@ -142,7 +142,7 @@ def test_rbac_lets_flow_runs_launch_training(cfg):
     def allowed(group: str, resource: str, verb: str) -> bool:
         return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in role["rules"])
 
-    # Exactly the calls galip.kube.submit_and_follow makes.
+    # Exactly the calls galip.ops.kube.submit_and_follow makes.
     for group, resource, verb in [
         ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("batch", "jobs", "delete"), ("batch", "jobs/status", "get"),
         ("", "services", "create"), ("", "services", "patch"), ("", "configmaps", "create"), ("", "configmaps", "patch"),
@@ -177,7 +177,7 @@ def test_mlflow_server_matches_what_clients_use(cfg):
     assert probe["path"] == "/health"
 
 
-# ------------------------------------------------------------------ galip.kube.render_train_job
+# ------------------------------------------------------------------ galip.ops.kube.render_train_job
 
 
 def test_rendered_resources_are_schema_valid(rendered):
@@ -305,7 +305,7 @@ def test_render_refuses_configs_that_cannot_work(overrides, kwargs, message):
         kube.render_train_job(bad, **call)
 
 
-# ------------------------------------------------------------------ galip.kube.submit_and_follow on fakes
+# ------------------------------------------------------------------ galip.ops.kube.submit_and_follow on fakes
 
 
 class FakeLogResponse:

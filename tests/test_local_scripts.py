@@ -36,7 +36,7 @@ def test_ui_ports_are_the_default_then_the_recorded_one(tmp_path):
 
 def test_run_params_are_the_sections_its_stages_read():
     from flows.galip_train import GalipTrainParams, run_params
-    from galip.tracking import stage_params
+    from galip.ops.tracking import stage_params
 
     cfg = GalipTrainParams(profile="demo").config()
     logged = run_params(cfg, ["download", "clip", "train", "evaluate", "register"], world_size=1)

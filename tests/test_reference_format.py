@@ -279,7 +279,7 @@ def test_registering_an_import_records_its_origin_and_serves(trained, exported, 
     import mlflow
     import pandas as pd
 
-    from galip.registry import register_from_files
+    from galip.ops.registry import register_from_files
 
     args = trained[0]
     imported = tmp_path / "imported.pt"

@@ -24,7 +24,7 @@ def gate_config(name: str, direction: str = "higher", bar: float | None = None):
 
 
 def register_candidate(cfg, checkpoint: Path, value: float, tmp_path: Path) -> dict:
-    from galip.registry import register_from_files
+    from galip.ops.registry import register_from_files
 
     metrics = tmp_path / f"metrics-{uuid.uuid4().hex[:6]}.json"
     metrics.write_text(json.dumps({"prompt_fidelity": value, "r_precision": 0.1, "protocol": {"checkpoint": str(checkpoint)}}))
@@ -91,12 +91,12 @@ def test_gate_lower_is_better_and_manual_champion_without_metric(tracking, tiny_
     # compare with it, so it leaves that choice alone and says why.
     import mlflow
 
-    from galip.registry import log_model
+    from galip.ops.registry import log_model
 
     run = tracking.create_run(tracking.get_experiment_by_name(cfg.mlflow.experiment).experiment_id)
     manual = mlflow.register_model(log_model(cfg, tiny_checkpoint, run.info.run_id), name)
     tracking.set_registered_model_alias(name, "champion", manual.version)
-    from galip.registry import gate
+    from galip.ops.registry import gate
 
     decision = gate(cfg, "3", 10.0)
     assert not decision.promoted and "has no prompt_fidelity" in decision.reason
@@ -107,7 +107,7 @@ def test_champion_loads_as_pyfunc_and_generates_pngs(tracking, tiny_checkpoint, 
     import mlflow
     import pandas as pd
 
-    from galip.serving import decode_png
+    from galip.ops.serving import decode_png
 
     cfg = gate_config(f"galip-load-{uuid.uuid4().hex[:6]}")
     register_candidate(cfg, tiny_checkpoint, 0.5, tmp_path)

@@ -37,8 +37,8 @@ def _post_error(port: int, data: dict, params: dict) -> tuple[int, str]:
 
 def test_served_champion_answers_a_prompt_with_an_image(mlflow_server, tiny_checkpoint, tmp_path, monkeypatch):
     from galip.config import load_config
-    from galip.registry import register_from_files
-    from galip.serving import decode_png
+    from galip.ops.registry import register_from_files
+    from galip.ops.serving import decode_png
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     name = f"galip-serve-{uuid.uuid4().hex[:6]}"

@@ -38,7 +38,7 @@ def _messages(caplog, level=logging.WARNING) -> list[str]:
 def test_failures_after_the_first_are_counted_and_reported(tmp_path, monkeypatch, caplog):
     import mlflow
 
-    from galip.tracking import FAILURES_TAG, Tracker
+    from galip.ops.tracking import FAILURES_TAG, Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -79,7 +79,7 @@ def test_training_against_a_dead_server_finishes_and_reports_the_count(tmp_path,
 
 
 def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys):
-    from galip.registry import RegistryError, log_model
+    from galip.ops.registry import RegistryError, log_model
 
     cfg = load_config("params.yaml", profile="demo")
     with pytest.raises(RegistryError, match=r"could not log the model \(MLflow at http://127\.0\.0\.1:\d+, run abc\).*no new version is registered"):
@@ -119,7 +119,7 @@ def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoin
 
     import mlflow
 
-    from galip.registry import gate, register_from_files
+    from galip.ops.registry import gate, register_from_files
 
     cfg = load_config(
         ROOT / "params.yaml",

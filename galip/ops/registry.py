@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Config
+from ..config import Config
 from .redact import redact
 
 # Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
@@ -92,7 +92,7 @@ def write_generator(checkpoint: Path, out: Path) -> Path:
     """NetG weights + resolved config + step only: what inference needs (D, C and optimizers are ~2/3)."""
     import torch
 
-    from .checkpoint import FORMAT_VERSION, load_checkpoint
+    from ..checkpoint import FORMAT_VERSION, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     slim = {"format_version": FORMAT_VERSION, "step": ckpt["step"], "config": ckpt["config"], "netG": ckpt["netG"]}
@@ -102,8 +102,8 @@ def write_generator(checkpoint: Path, out: Path) -> Path:
 
 def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
     """Files logged with the pyfunc: generator, CLIP reference, and the CLIP weights when they are a local file."""
-    from .checkpoint import load_checkpoint
-    from .config import config_from_dict
+    from ..checkpoint import load_checkpoint
+    from ..config import config_from_dict
     from .serving import clip_reference
 
     saved = config_from_dict(load_checkpoint(checkpoint)["config"])
@@ -122,7 +122,7 @@ def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
 
 def origin_tags(checkpoint: Path) -> dict[str, str]:
     """``origin.*`` tags for weights imported from elsewhere (``galip import-reference``); {} for our own."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     origin = load_checkpoint(checkpoint).get("origin") or {}
     return {f"{ORIGIN_TAG_PREFIX}{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in origin.items()}
@@ -148,7 +148,7 @@ def log_model(cfg: Config, checkpoint: Path, run_id: str) -> str:
             signature=serving.signature(),
             pip_requirements=pip_requirements(),
             # The galip package travels with the model, so serving needs no checkout of this repository.
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],
             metadata=origin or None,
         )
         if origin:
@@ -175,7 +175,7 @@ _REPORTED_AS = {"clip_score": ("clip_score_train", "clip_score_eval", "clip_cosi
 
 def check_gate_metric(cfg: Config) -> None:
     """The gate compares a number evaluation reports; a typo would leave every version unpromoted."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     metric, names = cfg.mlflow.gate_metric, cfg.eval.metrics
     if not any(metric == n or metric.startswith(n + "_") or metric in _REPORTED_AS.get(n, ()) for n in names):

@@ -4,7 +4,7 @@ Stable API. The Prefect train task calls ``train_job(cfg, ...)`` when ``runs_as_
 (``kube.nodes > 1``); a single node trains in the flow-run pod itself (``torchrun --standalone``)
 and needs none of this. ``train_job`` is these two calls::
 
-    from galip.kube import render_train_job, submit_and_follow
+    from galip.ops.kube import render_train_job, submit_and_follow
 
     resources = render_train_job(
         cfg, image=cfg.kube.image, nodes=cfg.kube.nodes, gpus_per_node=cfg.kube.gpus_per_node,
@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
-from .config import Config, resolve
+from ..config import Config, resolve
 
 PARAMS_MOUNT = "/etc/galip"
 PARAMS_FILE = "params.yaml"
@@ -180,7 +180,7 @@ def _env(cfg: Config, mlflow_tracking_uri: str, mlflow_run_id: str | None) -> li
     taken = {e["name"] for e in env} | {"MLFLOW_RUN_ID"}
     clash = taken & set(cfg.kube.env)
     if clash:
-        raise ValueError(f"kube.env must not redefine {sorted(clash)}: galip.kube sets them")
+        raise ValueError(f"kube.env must not redefine {sorted(clash)}: galip.ops.kube sets them")
     env += [{"name": k, "value": v} for k, v in sorted(cfg.kube.env.items())]
     return env
 

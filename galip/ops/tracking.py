@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import flatten
+from ..config import flatten
 from .redact import redact
 
 log = logging.getLogger("galip.tracking")

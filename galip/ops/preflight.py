@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Config
+from ..config import Config
 
 
 def _gpu_problem(cfg: Config) -> str | None:

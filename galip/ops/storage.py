@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import UserError
+from ..errors import UserError
 from .redact import redact
 
 log = logging.getLogger("galip.storage")

@@ -4,7 +4,7 @@ Request: a DataFrame with a string column ``prompt`` (``mlflow models serve``: `
 {"columns": ["prompt"], "data": [["a red circle on the left"]]}, "params": {"seed": 0, "n": 2}}``).
 Response: one row per image with ``prompt``, ``index`` (0..n-1) and ``image`` (base64 PNG).
 
-Artifacts (see galip.registry): ``generator`` (NetG weights + the resolved config), ``clip_reference``
+Artifacts (see galip.ops.registry): ``generator`` (NetG weights + the resolved config), ``clip_reference``
 (which CLIP G was trained against) and, when that CLIP is a local checkpoint (the demo's trained tiny
 CLIP), ``clip_weights``. A random-weight CLIP is recreated from its seed; a pretrained tag (e.g.
 ``openai``) must be in the serving machine's open_clip cache, and the error says so.
@@ -20,7 +20,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from .errors import UserError
+from ..errors import UserError
 
 PROMPT_COLUMN = "prompt"
 DEFAULT_PARAMS: dict[str, int] = {"seed": 0, "n": 1}
@@ -60,7 +60,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from .checkpoint import load_generator
+        from ..checkpoint import load_generator
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         reference = json.loads(Path(context.artifacts["clip_reference"]).read_text())
@@ -73,9 +73,9 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         recreates a random-weight CLIP from its seed, or loads the pretrained tag)."""
         if not weights:
             return None
-        from .checkpoint import load_checkpoint
-        from .clip import load_clip
-        from .config import config_from_dict
+        from ..checkpoint import load_checkpoint
+        from ..clip import load_clip
+        from ..config import config_from_dict
 
         model = config_from_dict(load_checkpoint(generator)["config"]).model
         return load_clip(reference["clip_model"], weights, model.feature_blocks, model.prompt_blocks, model.pixel_norm)
@@ -85,7 +85,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         the scoring server answers with HTTP 400 and the reason."""
         import pandas as pd
 
-        from .generate import generate_images
+        from ..generate import generate_images
 
         try:
             prompts, n, seed = self._request(model_input, params)
@@ -105,7 +105,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
     @classmethod
     def _request(cls, model_input, params: dict[str, Any] | None) -> tuple[list[str], int, int]:
         """(prompts, n, seed), checked like `galip generate` checks its options."""
-        from .generate import check_request
+        from ..generate import check_request
 
         prompts = cls._prompts(model_input)
         p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}

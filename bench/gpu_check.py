@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from galip.clip import FrozenCLIP, clip_from_config  # noqa: E402
+from galip.model.clip import FrozenCLIP, clip_from_config  # noqa: E402
 from galip.config import Config, load_config  # noqa: E402
 from galip.distributed import DistEnv  # noqa: E402
 from galip.train import STAT_NAMES, Trainer  # noqa: E402
@@ -312,8 +312,8 @@ def section_flops(args: argparse.Namespace, device: torch.device, report: Report
 
 def section_generate(args: argparse.Namespace, device: torch.device, compile_g: bool = False) -> dict[str, Any]:
     from galip.generate import generate_images
-    from galip.models import NetG
-    from galip.precision import Precision
+    from galip.model.models import NetG
+    from galip.model.precision import Precision
 
     precision = Precision.resolve("auto", device)
     cfg = make_config(args, precision.name)
@@ -361,7 +361,7 @@ def section_loader(args: argparse.Namespace, device: torch.device, tmp: Path) ->
     shards = write_shards(tmp / "loader_shards", args.loader_images, 256, max(args.loader_images // 16, 8))
     workers = os.cpu_count() or 1
     out: dict[str, Any] = {"cpus": workers, "image": "JPEG 256x341 -> resize 256 -> random crop 224 -> flip", "batch": 64}
-    from galip.clip import load_clip
+    from galip.model.clip import load_clip
 
     tokenizer = load_clip("galip-tiny").tokenizer
     for n_workers in sorted({max(1, workers // 2), workers}) if device.type == "cuda" else [workers]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galip.clip import load_clip
+from galip.model.clip import load_clip
 from galip.config import load_config
 from galip.data import build_loader
 from galip.demo_data import caption_for, render_scene, sample_attributes

@@ -134,7 +134,7 @@ def training_clip(cfg):
     A random-weight CLIP (model.clip_pretrained '') is not stored: the trainer creates it right after
     torch.manual_seed(train.seed), so the same seed recreates the very same weights.
     """
-    from .clip import clip_from_config
+    from .model.clip import clip_from_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -197,8 +197,8 @@ def remove_orphans(ckpt_dir: str | Path) -> list[str]:
 def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=None):
     """(NetG in eval mode, FrozenCLIP, Config) from a training checkpoint; CLIP comes from the saved config."""
     from .config import config_from_dict
-    from .models import NetG
-    from .precision import Precision
+    from .model.models import NetG
+    from .model.precision import Precision
 
     ckpt = load_checkpoint(readable_checkpoint(path), verify=False)
     cfg = config_from_dict(ckpt["config"])

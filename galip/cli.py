@@ -100,7 +100,7 @@ def summary(
 
     CLIP weights are random here (nothing is downloaded); counts do not depend on them.
     """
-    from .summary import summarize
+    from .model.summary import summarize
 
     overrides = list(set_ or []) + ["model.clip_pretrained="]
     if clip:
@@ -255,7 +255,7 @@ def export_reference(
 
 def _convert(call) -> None:
     """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
-    from .clip import ClipWeightsError
+    from .model.clip import ClipWeightsError
     from .reference_format import ReferenceFormatError
 
     try:

@@ -140,7 +140,7 @@ def _write_state_dict(src: Path, out: Path) -> None:
 
 def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
     """How well the trained CLIP separates each demo attribute (``galip.clip_probe``), as GALIP will load it."""
-    from .clip import load_clip
+    from .model.clip import load_clip
     from .clip_probe import attribute_separation
 
     clip = load_clip(cfg.model.clip_model, str(checkpoint), pixel_norm=cfg.model.pixel_norm)
@@ -165,7 +165,7 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path, timing and separation."""
     from open_clip_train.main import main as open_clip_train_main
 
-    from .clip import register_project_model_configs
+    from .model.clip import register_project_model_configs
     from .data import resolve_shards
 
     register_project_model_configs()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip import FrozenCLIP
+from .model.clip import FrozenCLIP
 from .demo_data import (
     COLOURS,
     COUNTS,

@@ -22,12 +22,12 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import latest_checkpoint, load_generator, readable_checkpoint
-from .clip import ClipWeightsError, FrozenCLIP, load_clip
+from .model.clip import ClipWeightsError, FrozenCLIP, load_clip
 from .config import Config, ConfigError, EvalConfig
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .errors import UserError
 from .generate import generate_images, latents, render
-from .models import NetG
+from .model.models import NetG
 
 log = logging.getLogger("galip.evaluate")
 

@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 
 from .checkpoint import load_generator
-from .clip import FrozenCLIP
+from .model.clip import FrozenCLIP
 from .errors import UserError
-from .models import NetG
-from .precision import Precision
+from .model.models import NetG
+from .model.precision import Precision
 
 
 def check_request(prompts: Sequence[str], n: int, max_images: int, n_name: str = "--n", max_name: str = "--max-images") -> None:

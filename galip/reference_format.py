@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, training_clip
 from .config import Config, config_from_dict
-from .models import build_nets
+from .model.models import build_nets
 
 FORMAT_NAME = "tobran/GALIP"
 DDP_PREFIX = "module."

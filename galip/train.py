@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from . import losses
+from .model import losses
 from .ops import storage
 from .checkpoint import (
     capture_rng,
@@ -36,14 +36,14 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .clip import FrozenCLIP, clip_from_config
+from .model.clip import FrozenCLIP, clip_from_config
 from .config import Config, resume_changes
 from .data import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .errors import UserError
 from .grid import save_labelled_grid
-from .models import NetC, NetD, NetG, build_nets
-from .precision import Precision, apply_scale_floor, enable_fast_cuda_math
+from .model.models import NetC, NetD, NetG, build_nets
+from .model.precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from .ops.redact import redact
 from .runlock import run_lock
 from .ops.tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params

@@ -221,7 +221,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import open_clip
     from helpers import tiny_config, write_shards
 
-    from galip.clip import register_project_model_configs
+    from galip.model.clip import register_project_model_configs
     from galip.train import run
 
     tmp = tmp_path_factory.mktemp("tiny_ckpt")

@@ -5,7 +5,7 @@ import sys
 
 import torch.distributed as dist
 
-from galip.clip import load_clip
+from galip.model.clip import load_clip
 from galip.data import build_loader
 from galip.distributed import cleanup, init_distributed
 from helpers import tiny_config

@@ -12,7 +12,7 @@ import torch
 from helpers import write_shards
 from PIL import Image
 
-from galip.clip import load_clip
+from galip.model.clip import load_clip
 from galip.config import load_config
 from galip.data import ShardSplitError, build_loader
 

@@ -70,7 +70,7 @@ def test_shards_and_manifest_agree(downloaded):
 
 @pytest.mark.slow
 def test_loader_reads_the_downloaded_shards(downloaded):
-    from galip.clip import load_clip
+    from galip.model.clip import load_clip
     from galip.data import build_loader
     from galip.demo_data import parse_caption
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from galip import losses
+from galip.model import losses
 
 
 def test_hinge_terms():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from galip.cli import main
-from galip.clip import load_clip
+from galip.model.clip import load_clip
 from galip.config import load_config
-from galip.models import build_nets, count_params, g_block_plan
+from galip.model.models import build_nets, count_params, g_block_plan
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_bad_block_indices_are_rejected():
 
 
 def test_missing_local_weights_say_how_to_stage(tmp_path):
-    from galip.clip import ClipWeightsError
+    from galip.model.clip import ClipWeightsError
 
     with pytest.raises(ClipWeightsError, match="no such file"):
         load_clip("galip-tiny", str(tmp_path / "missing.pt"))

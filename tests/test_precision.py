@@ -12,7 +12,7 @@ import torch
 
 from galip.checkpoint import load_checkpoint
 from galip.distributed import DistEnv
-from galip.precision import FP16_GROWTH_INTERVAL, Precision, apply_scale_floor
+from galip.model.precision import FP16_GROWTH_INTERVAL, Precision, apply_scale_floor
 from galip.train import Trainer, run
 
 from helpers import assert_bitwise_equal, tiny_config, write_shards

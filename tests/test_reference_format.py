@@ -15,7 +15,7 @@ from galip.checkpoint import latest_checkpoint, load_checkpoint, load_generator,
 from galip.cli import main
 from galip.config import load_config
 from galip.generate import generate_images
-from galip.models import build_nets
+from galip.model.models import build_nets
 from galip.reference_format import from_reference, to_reference
 from galip.train import run
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..clip import FrozenCLIP
+from ..model.clip import FrozenCLIP
 from ..config import Config
 from ..distributed import DistEnv
 

@@ -42,8 +42,8 @@ from . import register
 from .base import EvalContext, SampleBatch, to_uint8
 
 if TYPE_CHECKING:
-    from ..clip import FrozenCLIP
-    from ..models import NetG
+    from ..model.clip import FrozenCLIP
+    from ..model.models import NetG
 
 log = logging.getLogger("galip.evaluate")
 

@@ -74,7 +74,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         if not weights:
             return None
         from ..checkpoint import load_checkpoint
-        from ..clip import load_clip
+        from ..model.clip import load_clip
         from ..config import config_from_dict
 
         model = config_from_dict(load_checkpoint(generator)["config"]).model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .clip import clip_from_config
-from .config import ModelConfig
+from ..config import ModelConfig
 from .models import build_nets, count_params
 
 

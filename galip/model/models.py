@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import ClipDims, FrozenCLIP
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 class Affine(nn.Module):

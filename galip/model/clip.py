@@ -33,7 +33,7 @@ def register_project_model_configs() -> None:
     """Make the project's own open_clip configs (e.g. ``galip-tiny``) known to open_clip."""
     import open_clip
 
-    path = Path(str(resources.files("galip") / "model_configs"))
+    path = Path(str(resources.files("galip.model") / "model_configs"))
     if "galip-tiny" not in open_clip.list_models():
         open_clip.add_model_config(path)
 

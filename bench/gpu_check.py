@@ -356,7 +356,7 @@ def write_shards(folder: Path, n: int, size: int, per_shard: int) -> Path:
 
 
 def section_loader(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
-    from galip.data import StreamPlan, training_stream
+    from galip.data.loader import StreamPlan, training_stream
 
     shards = write_shards(tmp / "loader_shards", args.loader_images, 256, max(args.loader_images // 16, 8))
     workers = os.cpu_count() or 1

@@ -3,7 +3,7 @@
     python bench/loader.py [--images 2000] [--batch 32] > bench/results/cpu_loader.jsonl
 
 Writes demo-scene JPEG shards once per size under bench/out/, then times full passes of
-galip.data.build_loader (decode + reference augmentation + tokenisation + batching).
+galip.data.loader.build_loader (decode + reference augmentation + tokenisation + batching).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from galip.model.clip import load_clip
 from galip.config import load_config
-from galip.data import build_loader
-from galip.demo_data import caption_for, render_scene, sample_attributes
+from galip.data.loader import build_loader
+from galip.data.demo_data import caption_for, render_scene, sample_attributes
 
 OUT = Path(__file__).parent / "out"
 

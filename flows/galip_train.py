@@ -347,7 +347,7 @@ def preflight(params: GalipTrainParams) -> str:
 @redacted_errors
 def download(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """img2dataset into shards; network-bound, so retried (img2dataset resumes finished shards)."""
-    from galip.download import ensure_demo_source, output_paths
+    from galip.data.download import ensure_demo_source, output_paths
 
     cfg = params.config()
     if cfg.data.demo_images:

@@ -146,7 +146,7 @@ def demo_data(
 ) -> None:
     """Generate the demo scenes and their URL list (data.url_list's folder) if missing; deterministic."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .download import ensure_demo_source
+    from .data.download import ensure_demo_source
 
     typer.echo(str(ensure_demo_source(cfg.data)))
 
@@ -160,7 +160,7 @@ def download(
 ) -> None:
     """Download data.url_list into webdataset shards (img2dataset); write the data report and shard manifest."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .download import run
+    from .data.download import run
 
     report = run(cfg)
     typer.echo(json.dumps({k: report[k] for k in ("successes", "failed", "shards", "manifest", "manifest_hash")}))

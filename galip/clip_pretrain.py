@@ -166,7 +166,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from open_clip_train.main import main as open_clip_train_main
 
     from .model.clip import register_project_model_configs
-    from .data import resolve_shards
+    from .data.loader import resolve_shards
 
     register_project_model_configs()
     _patch_webdataset_eof()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .model.clip import FrozenCLIP
-from .demo_data import (
+from .data.demo_data import (
     COLOURS,
     COUNTS,
     POSITIONS,

@@ -50,7 +50,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """Where training data comes from and how it becomes shards (galip.download, galip.data)."""
+    """Where training data comes from and how it becomes shards (galip.data.download, galip.data.loader)."""
 
     url_list: str = Field(description="URL+caption list (cc12m.tsv or parquet)")
     url_col: str
@@ -73,7 +73,7 @@ class DataConfig(_Section):
     workers: NonNegativeInt
     resampled: bool
     s3_endpoint_url: str
-    # demo source: > 0 generates that many procedural scenes (galip.demo_data) and serves them locally
+    # demo source: > 0 generates that many procedural scenes (galip.data.demo_data) and serves them locally
     demo_images: NonNegativeInt
     demo_seed: int
     demo_broken: bool = Field(description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")

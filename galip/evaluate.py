@@ -80,7 +80,7 @@ def eval_prompts(cfg: Config) -> tuple[list[str], list[Any] | None]:
     """``eval.n_samples`` prompts (and demo attributes when the source has them), the same on every rank."""
     n = cfg.eval.n_samples
     if cfg.eval.prompt_source == "demo":
-        from .demo_data import demo_prompts
+        from .data.demo_data import demo_prompts
 
         pairs = demo_prompts(cfg.eval.seed, n)
         return [caption for caption, _ in pairs], [attrs for _, attrs in pairs]

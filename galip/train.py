@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .model.clip import FrozenCLIP, clip_from_config
 from .config import Config, resume_changes
-from .data import StreamPlan, segment_seed, training_stream
+from .data.loader import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from .errors import UserError
 from .grid import save_labelled_grid

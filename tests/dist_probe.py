@@ -6,7 +6,7 @@ import sys
 import torch.distributed as dist
 
 from galip.model.clip import load_clip
-from galip.data import build_loader
+from galip.data.loader import build_loader
 from galip.distributed import cleanup, init_distributed
 from helpers import tiny_config
 from pathlib import Path

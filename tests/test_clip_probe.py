@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from galip import demo_data as dd
+from galip.data import demo_data as dd
 from galip.model.clip import load_clip, register_project_model_configs
 from galip.clip_probe import KINDS, SPLITS, attribute_separation, chance, flat_metrics, probe_captions, probe_scenes
 from galip.config import load_config

@@ -14,7 +14,7 @@ from PIL import Image
 
 from galip.model.clip import load_clip
 from galip.config import load_config
-from galip.data import ShardSplitError, build_loader
+from galip.data.loader import ShardSplitError, build_loader
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_resampled_epochs_are_even_across_ranks(tmp_path, tokenizer, workers):
 def test_unusable_data_stops_with_a_clear_error_instead_of_spinning(tmp_path, tokenizer, workers):
     """Resampled shards of corrupt JPEGs never end a pass: past data.max_skip_fraction the stream
     raises (from a worker too) instead of drawing shards forever without a batch."""
-    from galip.data import DataQualityError, StreamPlan, training_stream
+    from galip.data.loader import DataQualityError, StreamPlan, training_stream
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from galip import demo_data as dd
+from galip.data import demo_data as dd
 from galip.cli import main as cli_main
-from galip.demo_data import (
+from galip.data.demo_data import (
     SceneAttributes,
     Wording,
     caption_for,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from galip.config import load_config
-from galip.download import (
+from galip.data.download import (
     StaleShardsError,
     UrlListError,
     failure_reason,
@@ -71,8 +71,8 @@ def test_shards_and_manifest_agree(downloaded):
 @pytest.mark.slow
 def test_loader_reads_the_downloaded_shards(downloaded):
     from galip.model.clip import load_clip
-    from galip.data import build_loader
-    from galip.demo_data import parse_caption
+    from galip.data.loader import build_loader
+    from galip.data.demo_data import parse_caption
 
     _, cfg, _ = downloaded
     data = cfg.data.model_copy(update={"resampled": False, "workers": 0})
@@ -127,7 +127,7 @@ def test_failure_reasons_are_one_readable_line():
 
 
 def test_list_is_streamed_in_bounded_parts(tmp_path, monkeypatch):
-    import galip.download as dl
+    import galip.data.download as dl
 
     monkeypatch.setattr(dl, "PART_ROWS", 4)  # as if the list were millions of rows long
     tsv = tmp_path / "list.tsv"
@@ -176,7 +176,7 @@ def test_missing_list_names_the_key(tmp_path):
 def test_list_conversion_memory_does_not_grow_with_the_list(tmp_path, monkeypatch):
     import tracemalloc
 
-    import galip.download as dl
+    import galip.data.download as dl
 
     monkeypatch.setattr(dl, "PART_ROWS", 5_000)
 

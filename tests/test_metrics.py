@@ -226,7 +226,7 @@ def test_decoder_reads_rendered_scenes(decoder):
 
 
 def test_decoder_is_near_chance_on_noise(decoder):
-    from galip import demo_data
+    from galip.data import demo_data
     from galip.metrics.prompt_fidelity import ATTRIBUTES, _random_attrs, attribute_matches
 
     rng = np.random.default_rng(3)
@@ -257,8 +257,7 @@ def test_unstated_attributes_are_not_scored():
 
 def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low():
     """The split bookkeeping on a perfect 'generator' (the renderer itself) and on noise."""
-    pytest.importorskip("galip.demo_data")
-    from galip import demo_data
+    from galip.data import demo_data
     from galip.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
 
     decoder, _ = checked_decoder(64)

@@ -1,7 +1,7 @@
 """prompt_fidelity (demo data set): do generated scenes show what their prompts say?
 
 A decoder reads each attribute of a procedural demo scene back from pixels with measurements that
-follow from how ``galip.demo_data.render_scene`` draws:
+follow from how ``galip.data.demo_data.render_scene`` draws:
 
 - colour: median RGB of the foreground (pixels far from the border's background colour);
 - count: connected components of the foreground (specks below a minimum area ignored);
@@ -16,7 +16,7 @@ palette instead of hard-coding them. Its accuracy on another set of fresh render
 protocol: a decoder that cannot read the renderer's own images would make the metric meaningless, so
 evaluation fails if any attribute reads below ``MIN_DECODER_ACCURACY``.
 
-Prompts fall into two splits by their colour+shape pair (``galip.demo_data.HELD_OUT_PAIRS``):
+Prompts fall into two splits by their colour+shape pair (``galip.data.demo_data.HELD_OUT_PAIRS``):
 ``held_in`` (pairs the training data shows) and ``held_out`` (pairs it never shows). Per split,
 ``prompt_fidelity_<split>`` is the share (percent) of generated images whose every stated attribute
 matches the prompt, and ``prompt_fidelity_<split>_<attribute>`` the share for one attribute (over
@@ -129,7 +129,7 @@ class SceneDecoder:
 
     @classmethod
     def calibrate(cls, image_size: int, n: int = 400, seed: int = 0) -> "SceneDecoder":
-        from .. import demo_data
+        from ..data import demo_data
 
         rng = np.random.default_rng(seed)
         feats: dict[str, list[np.ndarray]] = {a: [] for a in ATTRIBUTES}
@@ -153,7 +153,7 @@ class SceneDecoder:
 
     def accuracy_on_renders(self, image_size: int, n: int = 200, seed: int = 1) -> dict[str, float]:
         """Per-attribute accuracy on fresh renders (a different seed from calibration)."""
-        from .. import demo_data
+        from ..data import demo_data
 
         rng = np.random.default_rng(seed)
         hits = {a: 0 for a in ATTRIBUTES}
@@ -176,7 +176,7 @@ def attribute_matches(decoded: dict[str, Any], wanted: Any) -> dict[str, bool | 
 
 def split_of(wanted: Any) -> str:
     """``held_out`` when the prompt's colour+shape pair never occurs in the training data."""
-    from ..demo_data import HELD_OUT_PAIRS
+    from ..data.demo_data import HELD_OUT_PAIRS
 
     return "held_out" if (wanted.colour, wanted.shape) in HELD_OUT_PAIRS else "held_in"
 
@@ -226,7 +226,7 @@ def result_keys() -> list[str]:
 
 class PromptFidelity:
     def __init__(self, ctx: EvalContext, decoder_factory: Callable[[int], SceneDecoder] | None = None) -> None:
-        from ..demo_data import parse_caption
+        from ..data.demo_data import parse_caption
 
         self.ctx = ctx
         self.parse_caption = parse_caption
@@ -237,7 +237,7 @@ class PromptFidelity:
             accuracy = check_decoder(self.decoder, ctx.resolution)
         self.means = {k: MeanMetric().to(ctx.device) for k in result_keys()[1:]}
         ctx.protocol["prompt_fidelity"] = {
-            "scorer": "pixel decoder of galip.demo_data.render_scene (colour, components, centroid, area, fill ratio)",
+            "scorer": "pixel decoder of galip.data.demo_data.render_scene (colour, components, centroid, area, fill ratio)",
             "decoder_accuracy_on_renders": accuracy,
             "score": "percent of images whose every stated attribute matches the prompt, per split "
             "(held_in / held_out colour+shape pairs) and per attribute",

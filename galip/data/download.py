@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, DataConfig
-from .errors import UserError
+from ..config import Config, DataConfig
+from ..errors import UserError
 
 log = logging.getLogger("galip.download")
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DataConfig
-from .ops.storage import s3_filesystem
+from ..config import DataConfig
+from ..ops.storage import s3_filesystem
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 PARTIAL_BATCH = "partial_last_batch"

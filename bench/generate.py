@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import config, parser, report, timed  # noqa: E402
 
 from galip.model.clip import clip_from_config  # noqa: E402
-from galip.distributed import resolve_device  # noqa: E402
+from galip.train.distributed import resolve_device  # noqa: E402
 from galip.generate import generate_images  # noqa: E402
 from galip.model.models import NetG  # noqa: E402
 from galip.model.precision import Precision  # noqa: E402

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from galip.model.clip import FrozenCLIP, clip_from_config  # noqa: E402
 from galip.config import Config, load_config  # noqa: E402
-from galip.distributed import DistEnv  # noqa: E402
-from galip.train import STAT_NAMES, Trainer  # noqa: E402
+from galip.train.distributed import DistEnv  # noqa: E402
+from galip.train.trainer import STAT_NAMES, Trainer  # noqa: E402
 
 # Dense (no sparsity) datasheet peaks, TFLOP/s, for the cards this project is benchmarked on.
 PEAK_TFLOPS = {

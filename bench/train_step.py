@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import config, parser, report, timed  # noqa: E402
 
-from galip.distributed import DistEnv, resolve_device  # noqa: E402
-from galip.train import Trainer  # noqa: E402
+from galip.train.distributed import DistEnv, resolve_device  # noqa: E402
+from galip.train.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

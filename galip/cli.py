@@ -130,7 +130,7 @@ def train(
 ) -> None:
     """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip train`)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .train import run
+    from .train.trainer import run
 
     result = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if os.environ.get("RANK", "0") == "0":
@@ -214,7 +214,7 @@ def train_clip(
 ) -> None:
     """Train model.clip_model on the shards with open_clip_train; writes clip_pretrain.out_path (demo)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .clip_pretrain import run
+    from .train.clip_pretrain import run
 
     try:
         result = run(cfg)
@@ -237,7 +237,7 @@ def import_reference(
 ) -> None:
     """Convert a reference GALIP checkpoint into ours (generate, evaluate, register, fine-tune with --resume)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .reference_format import import_reference as run
+    from .train.reference_format import import_reference as run
 
     _convert(lambda: run(cfg, path, out))
 
@@ -248,7 +248,7 @@ def export_reference(
     out: Annotated[Path, typer.Argument(help="file to write in the reference format (e.g. state_epoch_000.pth)")],
 ) -> None:
     """Write a checkpoint in the reference code's format, with the CLIP weights its NetG embeds."""
-    from .reference_format import export_reference as run
+    from .train.reference_format import export_reference as run
 
     _convert(lambda: run(checkpoint, out))
 
@@ -256,7 +256,7 @@ def export_reference(
 def _convert(call) -> None:
     """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
     from .model.clip import ClipWeightsError
-    from .reference_format import ReferenceFormatError
+    from .train.reference_format import ReferenceFormatError
 
     try:
         result = call()

@@ -256,7 +256,7 @@ class ClipPretrainConfig(_Section):
     warmup: int = Field(ge=0, description="warm-up steps")
     workers: NonNegativeInt
     seed: int
-    report_path: str = Field(description="timing and per-attribute separation (galip.clip_probe)")
+    report_path: str = Field(description="timing and per-attribute separation (galip.train.clip_probe)")
     separation_samples: PositiveInt = Field(description="rendered scenes per split for the separation measurement")
 
 

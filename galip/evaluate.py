@@ -21,10 +21,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_generator, readable_checkpoint
+from .train.checkpoint import latest_checkpoint, load_generator, readable_checkpoint
 from .model.clip import ClipWeightsError, FrozenCLIP, load_clip
 from .config import Config, ConfigError, EvalConfig
-from .distributed import DistEnv, barrier, cleanup, init_distributed
+from .train.distributed import DistEnv, barrier, cleanup, init_distributed
 from .errors import UserError
 from .generate import generate_images, latents, render
 from .model.models import NetG

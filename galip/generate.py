@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import load_generator
+from .train.checkpoint import load_generator
 from .model.clip import FrozenCLIP
 from .errors import UserError
 from .model.models import NetG

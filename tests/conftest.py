@@ -222,7 +222,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from helpers import tiny_config, write_shards
 
     from galip.model.clip import register_project_model_configs
-    from galip.train import run
+    from galip.train.trainer import run
 
     tmp = tmp_path_factory.mktemp("tiny_ckpt")
     register_project_model_configs()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from galip.model.clip import load_clip
 from galip.data.loader import build_loader
-from galip.distributed import cleanup, init_distributed
+from galip.train.distributed import cleanup, init_distributed
 from helpers import tiny_config
 from pathlib import Path
 

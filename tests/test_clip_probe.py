@@ -1,4 +1,4 @@
-"""The text-signal measurement of the clip stage (galip.clip_probe) and the stage's report."""
+"""The text-signal measurement of the clip stage (galip.train.clip_probe) and the stage's report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from galip.data import demo_data as dd
 from galip.model.clip import load_clip, register_project_model_configs
-from galip.clip_probe import KINDS, SPLITS, attribute_separation, chance, flat_metrics, probe_captions, probe_scenes
+from galip.train.clip_probe import KINDS, SPLITS, attribute_separation, chance, flat_metrics, probe_captions, probe_scenes
 from galip.config import load_config
 
 
@@ -100,7 +100,7 @@ def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypat
     import mlflow
     import open_clip
 
-    from galip.clip_pretrain import measure_separation, report
+    from galip.train.clip_pretrain import measure_separation, report
 
     register_project_model_configs()
     torch.manual_seed(0)

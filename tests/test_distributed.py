@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from galip.checkpoint import load_checkpoint
+from galip.train.checkpoint import load_checkpoint
 
 from helpers import write_shards
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from galip.cli import main
 from galip.config import load_config
-from galip.distributed import DistEnv
+from galip.train.distributed import DistEnv
 from galip.evaluate import load_eval_generator, run
 from galip.metrics.fid import INCEPTION_FILE, INCEPTION_URL
-from galip.train import Trainer
+from galip.train.trainer import Trainer
 
 from helpers import write_shards
 

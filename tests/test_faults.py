@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import free_port
 
-from galip.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, verify_checkpoint
+from galip.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, verify_checkpoint
 from galip.cli import main
-from galip.train import run
+from galip.train.trainer import run
 
 from helpers import set_args, tiny_config, tiny_overrides, write_shards
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from galip.checkpoint import load_checkpoint
-from galip.distributed import DistEnv
+from galip.train.checkpoint import load_checkpoint
+from galip.train.distributed import DistEnv
 from galip.model.precision import FP16_GROWTH_INTERVAL, Precision, apply_scale_floor
-from galip.train import Trainer, run
+from galip.train.trainer import Trainer, run
 
 from helpers import assert_bitwise_equal, tiny_config, write_shards
 

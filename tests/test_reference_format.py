@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from galip.checkpoint import latest_checkpoint, load_checkpoint, load_generator, training_clip
+from galip.train.checkpoint import latest_checkpoint, load_checkpoint, load_generator, training_clip
 from galip.cli import main
 from galip.config import load_config
 from galip.generate import generate_images
 from galip.model.models import build_nets
-from galip.reference_format import from_reference, to_reference
-from galip.train import run
+from galip.train.reference_format import from_reference, to_reference
+from galip.train.trainer import run
 
 from helpers import assert_bitwise_equal, tiny_overrides, write_shards
 

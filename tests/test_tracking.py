@@ -15,7 +15,7 @@ from conftest import free_port
 
 from galip.cli import main
 from galip.config import load_config
-from galip.train import run
+from galip.train.trainer import run
 
 from helpers import tiny_config, write_shards
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from galip.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from galip.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from galip.cli import main
-from galip.train import NonFiniteLossError, run
+from galip.train.trainer import NonFiniteLossError, run
 
 from helpers import assert_bitwise_equal as _assert_bitwise_equal
 from helpers import tiny_config, write_shards

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..model.clip import FrozenCLIP
 from ..config import Config
-from ..distributed import DistEnv
+from ..train.distributed import DistEnv
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .base import broadcast_object
 from .frechet import FrechetStats, RefStatsCache, cache_key, module_fingerprint, reference_stats_from_images
 
 if TYPE_CHECKING:
-    from ..distributed import DistEnv
+    from ..train.distributed import DistEnv
 
 log = logging.getLogger("galip.evaluate")
 

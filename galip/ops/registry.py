@@ -92,7 +92,7 @@ def write_generator(checkpoint: Path, out: Path) -> Path:
     """NetG weights + resolved config + step only: what inference needs (D, C and optimizers are ~2/3)."""
     import torch
 
-    from ..checkpoint import FORMAT_VERSION, load_checkpoint
+    from ..train.checkpoint import FORMAT_VERSION, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     slim = {"format_version": FORMAT_VERSION, "step": ckpt["step"], "config": ckpt["config"], "netG": ckpt["netG"]}
@@ -102,7 +102,7 @@ def write_generator(checkpoint: Path, out: Path) -> Path:
 
 def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
     """Files logged with the pyfunc: generator, CLIP reference, and the CLIP weights when they are a local file."""
-    from ..checkpoint import load_checkpoint
+    from ..train.checkpoint import load_checkpoint
     from ..config import config_from_dict
     from .serving import clip_reference
 
@@ -122,7 +122,7 @@ def model_artifacts(checkpoint: Path, workdir: Path) -> dict[str, str]:
 
 def origin_tags(checkpoint: Path) -> dict[str, str]:
     """``origin.*`` tags for weights imported from elsewhere (``galip import-reference``); {} for our own."""
-    from ..checkpoint import load_checkpoint
+    from ..train.checkpoint import load_checkpoint
 
     origin = load_checkpoint(checkpoint).get("origin") or {}
     return {f"{ORIGIN_TAG_PREFIX}{k}": ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in origin.items()}

@@ -60,7 +60,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from ..checkpoint import load_generator
+        from ..train.checkpoint import load_generator
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         reference = json.loads(Path(context.artifacts["clip_reference"]).read_text())
@@ -73,7 +73,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         recreates a random-weight CLIP from its seed, or loads the pretrained tag)."""
         if not weights:
             return None
-        from ..checkpoint import load_checkpoint
+        from ..train.checkpoint import load_checkpoint
         from ..model.clip import load_clip
         from ..config import config_from_dict
 

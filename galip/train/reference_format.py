@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, training_clip
-from .config import Config, config_from_dict
-from .model.models import build_nets
+from ..config import Config, config_from_dict
+from ..model.models import build_nets
 
 FORMAT_NAME = "tobran/GALIP"
 DDP_PREFIX = "module."
@@ -167,7 +167,7 @@ def key_map(net: nn.Module) -> list[Entry]:
     covered = {e.ours for e in entries if not e.frozen}
     if covered != set(net.state_dict()):
         lost = sorted(set(net.state_dict()) ^ covered)
-        raise ReferenceFormatError(f"{type(net).__name__}: REFERENCE_TREE does not cover {lost[:3]} (update galip/reference_format.py)")
+        raise ReferenceFormatError(f"{type(net).__name__}: REFERENCE_TREE does not cover {lost[:3]} (update galip/train/reference_format.py)")
     return entries
 
 

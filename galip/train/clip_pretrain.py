@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 log = logging.getLogger("galip.clip_pretrain")
 
@@ -140,7 +140,7 @@ def _write_state_dict(src: Path, out: Path) -> None:
 
 def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
     """How well the trained CLIP separates each demo attribute (``galip.clip_probe``), as GALIP will load it."""
-    from .model.clip import load_clip
+    from ..model.clip import load_clip
     from .clip_probe import attribute_separation
 
     clip = load_clip(cfg.model.clip_model, str(checkpoint), pixel_norm=cfg.model.pixel_norm)
@@ -151,8 +151,8 @@ def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
 def report(cfg: Config, result: dict[str, Any]) -> None:
     """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
     from .clip_probe import flat_metrics
-    from .evaluate import write_json_atomic
-    from .ops.tracking import Tracker
+    from ..evaluate import write_json_atomic
+    from ..ops.tracking import Tracker
 
     path = Path(cfg.clip_pretrain.report_path)
     write_json_atomic(path, result)
@@ -165,8 +165,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path, timing and separation."""
     from open_clip_train.main import main as open_clip_train_main
 
-    from .model.clip import register_project_model_configs
-    from .data.loader import resolve_shards
+    from ..model.clip import register_project_model_configs
+    from ..data.loader import resolve_shards
 
     register_project_model_configs()
     _patch_webdataset_eof()

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import UserError
+from .. import __version__
+from ..errors import UserError
 
 log = logging.getLogger("galip.checkpoint")
 
@@ -134,7 +134,7 @@ def training_clip(cfg):
     A random-weight CLIP (model.clip_pretrained '') is not stored: the trainer creates it right after
     torch.manual_seed(train.seed), so the same seed recreates the very same weights.
     """
-    from .model.clip import clip_from_config
+    from ..model.clip import clip_from_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -196,9 +196,9 @@ def remove_orphans(ckpt_dir: str | Path) -> list[str]:
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu", clip=None):
     """(NetG in eval mode, FrozenCLIP, Config) from a training checkpoint; CLIP comes from the saved config."""
-    from .config import config_from_dict
-    from .model.models import NetG
-    from .model.precision import Precision
+    from ..config import config_from_dict
+    from ..model.models import NetG
+    from ..model.precision import Precision
 
     ckpt = load_checkpoint(readable_checkpoint(path), verify=False)
     cfg = config_from_dict(ckpt["config"])

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger("galip.runlock")
 LOCK_FILE = ".lock"

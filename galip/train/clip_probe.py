@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model.clip import FrozenCLIP
-from .data.demo_data import (
+from ..model.clip import FrozenCLIP
+from ..data.demo_data import (
     COLOURS,
     COUNTS,
     POSITIONS,

@@ -16,7 +16,7 @@ from _common import config, parser, report, timed  # noqa: E402
 
 from galip.model.clip import clip_from_config  # noqa: E402
 from galip.train.distributed import resolve_device  # noqa: E402
-from galip.generate import generate_images  # noqa: E402
+from galip.eval.generate import generate_images  # noqa: E402
 from galip.model.models import NetG  # noqa: E402
 from galip.model.precision import Precision  # noqa: E402
 

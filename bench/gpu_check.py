@@ -311,7 +311,7 @@ def section_flops(args: argparse.Namespace, device: torch.device, report: Report
 
 
 def section_generate(args: argparse.Namespace, device: torch.device, compile_g: bool = False) -> dict[str, Any]:
-    from galip.generate import generate_images
+    from galip.eval.generate import generate_images
     from galip.model.models import NetG
     from galip.model.precision import Precision
 

@@ -178,7 +178,7 @@ def generate(
     max_images: Annotated[int, typer.Option("--max-images", help="refuse grids of more images than this (memory)")] = 1024,
 ) -> None:
     """Write a PNG grid of generated images, one row per prompt."""
-    from .generate import run
+    from .eval.generate import run
 
     typer.echo(str(run(checkpoint, prompt, n=n, seed=seed, out=out, interpolate=interpolate, device=device, max_images=max_images)))
 
@@ -195,7 +195,7 @@ def evaluate(
 ) -> None:
     """Score a checkpoint with eval.metrics; writes eval.out_dir/metrics.json and samples.png (torchrun-aware)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .evaluate import USER_ERRORS, run
+    from .eval.evaluate import USER_ERRORS, run
 
     try:
         result = run(cfg, checkpoint)

@@ -163,7 +163,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """galip.evaluate: which metrics, on how many samples, against which reference set."""
+    """galip.eval.evaluate: which metrics, on how many samples, against which reference set."""
 
     out_dir: str
     n_samples: PositiveInt

@@ -43,7 +43,7 @@ def write_random_inception_weights(path: Path) -> Path:
 @pytest.fixture
 def torch_home_with_inception(tmp_path, monkeypatch) -> Path:
     """TORCH_HOME in a temp dir with random-valued Inception weights staged where FID looks for them."""
-    from galip.metrics.fid import INCEPTION_FILE
+    from galip.eval.metrics.fid import INCEPTION_FILE
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     return write_random_inception_weights(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE)

@@ -16,8 +16,8 @@ from PIL import Image
 from galip.cli import main
 from galip.config import load_config
 from galip.train.distributed import DistEnv
-from galip.evaluate import load_eval_generator, run
-from galip.metrics.fid import INCEPTION_FILE, INCEPTION_URL
+from galip.eval.evaluate import load_eval_generator, run
+from galip.eval.metrics.fid import INCEPTION_FILE, INCEPTION_URL
 from galip.train.trainer import Trainer
 
 from helpers import write_shards
@@ -176,7 +176,7 @@ def test_two_ranks_give_the_single_process_numbers(trained, shards, tmp_path):
 
 
 def test_demo_prompts_score_prompt_fidelity_per_split(trained, shards):
-    from galip.metrics.prompt_fidelity import result_keys, summary_score
+    from galip.eval.metrics.prompt_fidelity import result_keys, summary_score
 
     tmp, _, ckpt, _ = trained
     opts = overrides(tmp, shards, "eval.prompt_source=demo", "eval.metrics=[prompt_fidelity, r_precision]")

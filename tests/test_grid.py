@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from galip.grid import PAD, labelled_grid, save_labelled_grid
+from galip.eval.grid import PAD, labelled_grid, save_labelled_grid
 
 
 def _dark(region: np.ndarray) -> int:

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from galip.metrics import known_metrics
-from galip.metrics.clip_score import clip_score
-from galip.metrics.fid import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, find_inception_weights, inception_features
-from galip.metrics.frechet import (
+from galip.eval.metrics import known_metrics
+from galip.eval.metrics.clip_score import clip_score
+from galip.eval.metrics.fid import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, find_inception_weights, inception_features
+from galip.eval.metrics.frechet import (
     FeatureAccumulator,
     FrechetStats,
     RefStatsCache,
@@ -19,8 +19,8 @@ from galip.metrics.frechet import (
     frechet_distance,
     module_fingerprint,
 )
-from galip.metrics.r_precision import DistractorSampler, top1_hit
-from galip.metrics.reference import ReferenceSetError, list_shards, reference_captions, reference_image_batches
+from galip.eval.metrics.r_precision import DistractorSampler, top1_hit
+from galip.eval.metrics.reference import ReferenceSetError, list_shards, reference_captions, reference_image_batches
 
 from helpers import write_shards
 
@@ -215,7 +215,7 @@ def test_top1_hit_is_perfect_for_matching_embeddings_and_chance_for_random():
 
 @pytest.fixture(scope="module")
 def decoder():
-    from galip.metrics.prompt_fidelity import SceneDecoder
+    from galip.eval.metrics.prompt_fidelity import SceneDecoder
 
     return SceneDecoder.calibrate(64)
 
@@ -227,7 +227,7 @@ def test_decoder_reads_rendered_scenes(decoder):
 
 def test_decoder_is_near_chance_on_noise(decoder):
     from galip.data import demo_data
-    from galip.metrics.prompt_fidelity import ATTRIBUTES, _random_attrs, attribute_matches
+    from galip.eval.metrics.prompt_fidelity import ATTRIBUTES, _random_attrs, attribute_matches
 
     rng = np.random.default_rng(3)
     hits = {a: 0 for a in ATTRIBUTES}
@@ -244,7 +244,7 @@ def test_decoder_is_near_chance_on_noise(decoder):
 
 
 def test_unstated_attributes_are_not_scored():
-    from galip.metrics.prompt_fidelity import attribute_matches
+    from galip.eval.metrics.prompt_fidelity import attribute_matches
 
     class Wanted:
         shape, colour, position, size, count = "circle", "red", None, None, 1
@@ -258,7 +258,7 @@ def test_unstated_attributes_are_not_scored():
 def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low():
     """The split bookkeeping on a perfect 'generator' (the renderer itself) and on noise."""
     from galip.data import demo_data
-    from galip.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
+    from galip.eval.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
 
     decoder, _ = checked_decoder(64)
     prompts = demo_data.demo_prompts(seed=2, n=60)

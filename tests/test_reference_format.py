@@ -14,7 +14,7 @@ import torch
 from galip.train.checkpoint import latest_checkpoint, load_checkpoint, load_generator, training_clip
 from galip.cli import main
 from galip.config import load_config
-from galip.generate import generate_images
+from galip.eval.generate import generate_images
 from galip.model.models import build_nets
 from galip.train.reference_format import from_reference, to_reference
 from galip.train.trainer import run

@@ -117,7 +117,7 @@ def test_evaluation_during_training_keeps_and_picks_the_best_checkpoint(tmp_path
     `galip evaluate` without --checkpoint evaluates it."""
     import json
 
-    from galip.evaluate import resolve_checkpoint
+    from galip.eval.evaluate import resolve_checkpoint
 
     cfg = tiny_config(
         tmp_path, shards, "train.max_steps=6", "train.eval_every=2", "train.eval_samples=16",

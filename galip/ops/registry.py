@@ -169,7 +169,7 @@ def _num(value: float) -> str:
     return f"{value:.4g}"
 
 
-# Result keys of eval.metrics entries whose names differ from the entry (galip/metrics/__init__.py).
+# Result keys of eval.metrics entries whose names differ from the entry (galip/eval/metrics/__init__.py).
 _REPORTED_AS = {"clip_score": ("clip_score_train", "clip_score_eval", "clip_cosine_train", "clip_cosine_eval")}
 
 
@@ -181,7 +181,7 @@ def check_gate_metric(cfg: Config) -> None:
     if not any(metric == n or metric.startswith(n + "_") or metric in _REPORTED_AS.get(n, ()) for n in names):
         raise ConfigError(
             f"mlflow.gate_metric: {metric!r} is not reported by eval.metrics {list(names)}; "
-            "choose one of their results (see galip/metrics/__init__.py) or add its metric"
+            "choose one of their results (see galip/eval/metrics/__init__.py) or add its metric"
         )
 
 

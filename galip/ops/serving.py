@@ -85,7 +85,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
         the scoring server answers with HTTP 400 and the reason."""
         import pandas as pd
 
-        from ..generate import generate_images
+        from ..eval.generate import generate_images
 
         try:
             prompts, n, seed = self._request(model_input, params)
@@ -105,7 +105,7 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
     @classmethod
     def _request(cls, model_input, params: dict[str, Any] | None) -> tuple[list[str], int, int]:
         """(prompts, n, seed), checked like `galip generate` checks its options."""
-        from ..generate import check_request
+        from ..eval.generate import check_request
 
         prompts = cls._prompts(model_input)
         p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}

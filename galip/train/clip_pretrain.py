@@ -151,7 +151,7 @@ def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
 def report(cfg: Config, result: dict[str, Any]) -> None:
     """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
     from .clip_probe import flat_metrics
-    from ..evaluate import write_json_atomic
+    from ..eval.evaluate import write_json_atomic
     from ..ops.tracking import Tracker
 
     path = Path(cfg.clip_pretrain.report_path)

@@ -41,7 +41,7 @@ from ..config import Config, resume_changes
 from ..data.loader import StreamPlan, segment_seed, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from ..errors import UserError
-from ..grid import save_labelled_grid
+from ..eval.grid import save_labelled_grid
 from ..model.models import NetC, NetD, NetG, build_nets
 from ..model.precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from ..ops.redact import redact
@@ -275,7 +275,7 @@ class Trainer:
     # --- sampling ---------------------------------------------------------------------------------
     def sample(self, prompts: list[str], n_per_prompt: int = 4, seed: int = 0) -> torch.Tensor:
         """Images in [-1, 1] for fixed prompts and fixed noise (comparable across steps), from the EMA."""
-        from ..generate import generate_images
+        from ..eval.generate import generate_images
 
         return generate_images(self.sampler, self.clip, prompts, n_per_prompt, seed, precision=self.precision)
 
@@ -567,7 +567,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     )
     evaluator, best, eval_log, evaluated_at = None, None, None, trainer.step
     if env.is_main and t.eval_every:
-        from ..evaluate import TrainingEvaluator
+        from ..eval.evaluate import TrainingEvaluator
 
         evaluator = TrainingEvaluator(cfg, env.device, trainer.clip, cfg.model.nz)
         best = BestCheckpoint(out_dir, cfg.mlflow.gate_metric, cfg.mlflow.gate_direction, trainer.step)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .base import EvalContext, EvalMetric, SampleBatch
 
 MetricFactory = Callable[[EvalContext], EvalMetric]

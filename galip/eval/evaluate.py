@@ -21,13 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .train.checkpoint import latest_checkpoint, load_generator, readable_checkpoint
-from .model.clip import ClipWeightsError, FrozenCLIP, load_clip
-from .config import Config, ConfigError, EvalConfig
-from .train.distributed import DistEnv, barrier, cleanup, init_distributed
-from .errors import UserError
+from ..train.checkpoint import latest_checkpoint, load_generator, readable_checkpoint
+from ..model.clip import ClipWeightsError, FrozenCLIP, load_clip
+from ..config import Config, ConfigError, EvalConfig
+from ..train.distributed import DistEnv, barrier, cleanup, init_distributed
+from ..errors import UserError
 from .generate import generate_images, latents, render
-from .model.models import NetG
+from ..model.models import NetG
 
 log = logging.getLogger("galip.evaluate")
 
@@ -80,7 +80,7 @@ def eval_prompts(cfg: Config) -> tuple[list[str], list[Any] | None]:
     """``eval.n_samples`` prompts (and demo attributes when the source has them), the same on every rank."""
     n = cfg.eval.n_samples
     if cfg.eval.prompt_source == "demo":
-        from .data.demo_data import demo_prompts
+        from ..data.demo_data import demo_prompts
 
         pairs = demo_prompts(cfg.eval.seed, n)
         return [caption for caption, _ in pairs], [attrs for _, attrs in pairs]
@@ -90,7 +90,7 @@ def eval_prompts(cfg: Config) -> tuple[list[str], list[Any] | None]:
 
 
 def generate_batch(net_g: NetG, clip: FrozenCLIP, captions: Sequence[str], z: torch.Tensor) -> torch.Tensor:
-    """One image per (caption, latent) pair, in [-1, 1], fp32: the serving path (galip.generate.render)."""
+    """One image per (caption, latent) pair, in [-1, 1], fp32: the serving path (galip.eval.generate.render)."""
     return render(net_g, clip, captions, z, batch_size=len(z)).to(z.device)
 
 

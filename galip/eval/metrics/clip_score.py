@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from ..model.clip import FrozenCLIP
+from ...model.clip import FrozenCLIP
 from . import register
 from .base import EvalContext, SampleBatch, image_embedding, text_embedding
 

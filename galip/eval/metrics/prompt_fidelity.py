@@ -42,8 +42,8 @@ from . import register
 from .base import EvalContext, SampleBatch, to_uint8
 
 if TYPE_CHECKING:
-    from ..model.clip import FrozenCLIP
-    from ..model.models import NetG
+    from ...model.clip import FrozenCLIP
+    from ...model.models import NetG
 
 log = logging.getLogger("galip.evaluate")
 
@@ -129,7 +129,7 @@ class SceneDecoder:
 
     @classmethod
     def calibrate(cls, image_size: int, n: int = 400, seed: int = 0) -> "SceneDecoder":
-        from ..data import demo_data
+        from ...data import demo_data
 
         rng = np.random.default_rng(seed)
         feats: dict[str, list[np.ndarray]] = {a: [] for a in ATTRIBUTES}
@@ -153,7 +153,7 @@ class SceneDecoder:
 
     def accuracy_on_renders(self, image_size: int, n: int = 200, seed: int = 1) -> dict[str, float]:
         """Per-attribute accuracy on fresh renders (a different seed from calibration)."""
-        from ..data import demo_data
+        from ...data import demo_data
 
         rng = np.random.default_rng(seed)
         hits = {a: 0 for a in ATTRIBUTES}
@@ -176,7 +176,7 @@ def attribute_matches(decoded: dict[str, Any], wanted: Any) -> dict[str, bool | 
 
 def split_of(wanted: Any) -> str:
     """``held_out`` when the prompt's colour+shape pair never occurs in the training data."""
-    from ..data.demo_data import HELD_OUT_PAIRS
+    from ...data.demo_data import HELD_OUT_PAIRS
 
     return "held_out" if (wanted.colour, wanted.shape) in HELD_OUT_PAIRS else "held_in"
 
@@ -226,7 +226,7 @@ def result_keys() -> list[str]:
 
 class PromptFidelity:
     def __init__(self, ctx: EvalContext, decoder_factory: Callable[[int], SceneDecoder] | None = None) -> None:
-        from ..data.demo_data import parse_caption
+        from ...data.demo_data import parse_caption
 
         self.ctx = ctx
         self.parse_caption = parse_caption

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.clip import FrozenCLIP
+from ...model.clip import FrozenCLIP
 from . import register
 from .base import EvalContext, clip_view
 from .frechet import FrechetMetric

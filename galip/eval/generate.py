@@ -7,11 +7,11 @@ from typing import Sequence
 
 import torch
 
-from .train.checkpoint import load_generator
-from .model.clip import FrozenCLIP
-from .errors import UserError
-from .model.models import NetG
-from .model.precision import Precision
+from ..train.checkpoint import load_generator
+from ..model.clip import FrozenCLIP
+from ..errors import UserError
+from ..model.models import NetG
+from ..model.precision import Precision
 
 
 def check_request(prompts: Sequence[str], n: int, max_images: int, n_name: str = "--n", max_name: str = "--max-images") -> None:

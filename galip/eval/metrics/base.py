@@ -9,9 +9,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model.clip import FrozenCLIP
-from ..config import Config
-from ..train.distributed import DistEnv
+from ...model.clip import FrozenCLIP
+from ...config import Config
+from ...train.distributed import DistEnv
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

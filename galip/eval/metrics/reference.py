@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from PIL import Image, ImageOps
 
-from ..config import Config
+from ...config import Config
 from .base import broadcast_object
 from .frechet import FrechetStats, RefStatsCache, cache_key, module_fingerprint, reference_stats_from_images
 
 if TYPE_CHECKING:
-    from ..train.distributed import DistEnv
+    from ...train.distributed import DistEnv
 
 log = logging.getLogger("galip.evaluate")
 

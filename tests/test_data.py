@@ -98,7 +98,8 @@ def test_batches_have_the_training_shapes_and_range(tmp_path, tokenizer):
     images, tokens, captions = next(iter(loader))
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1 and images.min() < 0 < images.max()
-    assert tokens.shape == (4, 32) and tokens.dtype == torch.long and len(captions) == 4
+    context_length = tokenizer(["x"]).shape[1]  # galip-tiny's text_cfg.context_length
+    assert tokens.shape == (4, context_length) and tokens.dtype == torch.long and len(captions) == 4
 
 
 def test_reference_augmentation_crops_and_flips(tmp_path, tokenizer):

@@ -24,11 +24,7 @@ import torch.nn.functional as F
 
 from ..model.clip import FrozenCLIP
 from ..data.demo_data import (
-    COLOURS,
-    COUNTS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
+    ATTRIBUTE_VALUES,
     _TEMPLATES,
     SceneAttributes,
     Wording,
@@ -38,13 +34,6 @@ from ..data.demo_data import (
     sample_attributes,
 )
 
-ATTRIBUTE_VALUES: dict[str, tuple[Any, ...]] = {
-    "shape": SHAPES,
-    "colour": COLOURS,
-    "position": POSITIONS,
-    "size": SIZES,
-    "count": COUNTS,
-}
 SPLITS = ("held_in", "held_out")
 KINDS = ("image_text", "text_text")
 

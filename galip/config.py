@@ -122,9 +122,6 @@ class TrainConfig(_Section):
     beta1: float = Field(ge=0, lt=1)
     beta2: float = Field(ge=0, lt=1)
     sim_w: float = Field(ge=0)
-    mismatch: Literal["roll", "one_attribute"] = Field(
-        description="D's mismatched captions: another image's (roll, the reference) or the demo caption with one attribute changed"
-    )
     magp_k: float = Field(ge=0)
     magp_p: PositiveFloat
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -334,7 +331,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Keys a resume may not change silently. model.*: the weights were shaped (and trained) by them.
 # These train.* keys: the optimiser and the loss the saved state belongs to.
-RECIPE_KEYS = ("lr_g", "lr_d", "beta1", "beta2", "sim_w", "mismatch", "magp_k", "magp_p", "batch_size", "grad_accum", "precision", "seed")
+RECIPE_KEYS = ("lr_g", "lr_d", "beta1", "beta2", "sim_w", "magp_k", "magp_p", "batch_size", "grad_accum", "precision", "seed")
 
 
 def resume_changes(saved: dict[str, Any], current: Config) -> tuple[list[str], list[str]]:

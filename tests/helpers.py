@@ -35,23 +35,6 @@ def write_shards(
     return out_dir
 
 
-def write_demo_shards(out_dir: Path, n_samples: int = 24, per_shard: int = 12, size: int = 64, seed: int = 0) -> Path:
-    """Rendered demo scenes with their captions (galip.demo_data) as tar shards."""
-    import webdataset as wds
-
-    from galip.data.demo_data import caption_for, render_scene, sample_attributes
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with wds.ShardWriter(str(out_dir / "shard-%05d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(n_samples):
-            attrs = sample_attributes(rng)
-            buf = io.BytesIO()
-            render_scene(attrs, size, rng).save(buf, format="JPEG", quality=95)
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": caption_for(attrs, rng)})
-    return out_dir
-
-
 def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
     """The demo profile shrunk to seconds (batch 4, tiny G/D, no DataLoader workers), as -S overrides."""
     return [

@@ -155,20 +155,3 @@ def test_demo_data_cli_generates_once(tmp_path):
     assert len(pd.read_parquet(url_list)) == 12 and len(first) == 13
     mtime = url_list.stat().st_mtime_ns
     assert cli_main(["demo-data", *args]) == 0 and url_list.stat().st_mtime_ns == mtime  # present: left alone
-
-
-def test_one_attribute_negatives_change_exactly_one_attribute_and_never_name_held_out_pairs():
-    rng = np.random.default_rng(3)
-    captions = [dd.caption_for(dd.sample_attributes(rng), rng) for _ in range(400)]
-    negatives = dd.one_attribute_negatives(captions)
-    assert negatives == dd.one_attribute_negatives(captions)  # the batch fixes its negatives (exact resume)
-    changed = []
-    for caption, negative in zip(captions, negatives):
-        a, b = dd.parse_caption(caption), dd.parse_caption(negative)
-        diff = [k for k in dd.ATTRIBUTE_VALUES if getattr(a, k) != getattr(b, k)]
-        assert len(diff) == 1, (caption, negative)
-        assert (b.colour, b.shape) not in dd.HELD_OUT_PAIRS
-        changed += diff
-    assert set(changed) == set(dd.ATTRIBUTE_VALUES)  # every attribute gets its hard negatives
-    with pytest.raises(ValueError, match="train.mismatch=roll"):
-        dd.one_attribute_negatives(["a photo of a dog"])

@@ -10,10 +10,8 @@ generalisation to unseen combinations rather than memorisation.
 from __future__ import annotations
 
 import re
-import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,9 +22,6 @@ POSITIONS = ("left", "right", "top", "bottom", "center")
 SIZES = ("small", "large")
 COUNTS = (1, 2)
 HELD_OUT_PAIRS = (("green", "triangle"), ("blue", "circle"), ("yellow", "square"))
-ATTRIBUTE_VALUES: dict[str, tuple[Any, ...]] = {
-    "shape": SHAPES, "colour": COLOURS, "position": POSITIONS, "size": SIZES, "count": COUNTS,
-}
 
 BACKGROUND = (236, 236, 232)
 RGB = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 215), "yellow": (235, 195, 25)}
@@ -173,31 +168,6 @@ def parse_caption(caption: str) -> SceneAttributes:
         size=_lookup(text, _SIZE_WORDS, "size"),
         count=count,
     )
-
-
-def one_attribute_negative(caption: str, rng: np.random.Generator) -> str:
-    """A caption of the scene ``caption`` describes with exactly one attribute changed (which one and to
-    what at random), never naming a held-out colour+shape pair: the training inputs stay free of them."""
-    attrs = parse_caption(caption)
-    options = [
-        replace(attrs, **{a: v})
-        for a, values in ATTRIBUTE_VALUES.items()
-        for v in values
-        if v != getattr(attrs, a)
-    ]
-    options = [o for o in options if (o.colour, o.shape) not in HELD_OUT_PAIRS]
-    other = options[rng.integers(len(options))]
-    return caption_for(other, rng)
-
-
-def one_attribute_negatives(captions: Sequence[str]) -> list[str]:
-    """:func:`one_attribute_negative` for a batch, drawn from a seed the batch itself fixes (a resumed
-    run that replays the batch replays its negatives)."""
-    rng = np.random.default_rng(zlib.crc32("\n".join(captions).encode()))
-    try:
-        return [one_attribute_negative(c, rng) for c in captions]
-    except ValueError as exc:
-        raise ValueError(f"train.mismatch=one_attribute needs the demo data set's captions: {exc}; use train.mismatch=roll") from None
 
 
 def split_prompts(seed: int, n: int, held_out: bool) -> list[tuple[str, SceneAttributes]]:

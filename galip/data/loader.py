@@ -469,14 +469,9 @@ def training_stream(
     plan: StreamPlan,
     rank: int = 0,
     world_size: int = 1,
-    negatives: Callable[[list[str]], list[str]] | None = None,
-) -> tuple[Iterator[tuple[torch.Tensor, ...]], LoaderStats]:
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], LoaderStats]:
     """Endless (images, tokens) micro-batches for the trainer from one DataLoader that lives as long
-    as the run; ``LoaderStats`` counts what its workers skipped (cumulative per worker).
-
-    With ``negatives`` (captions -> mismatched captions, one each) a micro-batch is (images, tokens,
-    mismatched tokens) for the discriminator's mismatched pairs.
-    """
+    as the run; ``LoaderStats`` counts what its workers skipped (cumulative per worker)."""
     urls = resolve_shards(data_cfg)
     if any(u.startswith("s3://") for u in urls):
         _register_s3_gopen(data_cfg.s3_endpoint_url)
@@ -492,9 +487,9 @@ def training_stream(
     )
     stats = LoaderStats()
 
-    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
-        for images, tokens, captions, worker, counts in loader:
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, tokens, _captions, worker, counts in loader:
             stats.update(0, int(worker), counts)
-            yield (images, tokens) if negatives is None else (images, tokens, tokenize(negatives(captions)))
+            yield images, tokens
 
     return batches(), stats

@@ -24,7 +24,11 @@ import torch.nn.functional as F
 
 from ..model.clip import FrozenCLIP
 from ..data.demo_data import (
-    ATTRIBUTE_VALUES,
+    COLOURS,
+    COUNTS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
     _TEMPLATES,
     SceneAttributes,
     Wording,
@@ -34,6 +38,13 @@ from ..data.demo_data import (
     sample_attributes,
 )
 
+ATTRIBUTE_VALUES: dict[str, tuple[Any, ...]] = {
+    "shape": SHAPES,
+    "colour": COLOURS,
+    "position": POSITIONS,
+    "size": SIZES,
+    "count": COUNTS,
+}
 SPLITS = ("held_in", "held_out")
 KINDS = ("image_text", "text_text")
 

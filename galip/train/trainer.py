@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -166,10 +166,8 @@ class Trainer:
             stack.enter_context(m.no_sync())
         return stack
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> None:
-        """One optimiser step of D (+C) and of G over ``grad_accum`` micro-batches of (images, tokens)
-        or (images, tokens, mismatched tokens); without the latter, D's mismatched pairs take another
-        image's caption (the reference).
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One optimiser step of D (+C) and of G over ``grad_accum`` micro-batches of (images, tokens).
 
         Nothing here waits for the device: the losses stay on it (``read_stats`` copies them at log
         steps) and a non-finite loss is recorded on the device (``check_finite`` raises it).
@@ -187,13 +185,12 @@ class Trainer:
         self.net_d.requires_grad_(True)
         self.net_c.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
-        for i, (real, tokens, *mis_tokens) in enumerate(micro_batches):
+        for i, (real, tokens) in enumerate(micro_batches):
             real = real.to(dev, non_blocking=True)
             tokens = tokens.to(dev, non_blocking=True)
             with torch.no_grad(), self.autocast():
                 sent, _ = self.clip.encode_text(tokens)
                 real_feats, _ = self.clip_features(real)
-                mis_sent = self.clip.encode_text(mis_tokens[0].to(dev, non_blocking=True))[0].float() if mis_tokens else None
             # Leaves for MA-GP: gradients w.r.t. the CLIP features and the sentence, never into CLIP.
             sent = sent.float().requires_grad_(True)
             real_feats = real_feats.float().requires_grad_(True)
@@ -202,7 +199,7 @@ class Trainer:
                 with self.autocast():
                     real_out = self.d_real(real_feats)
                     real_logits = self.c_real(real_out, sent)
-                    mis_logits = self.c_real(real_out, losses.mismatched(sent).detach() if mis_sent is None else mis_sent)
+                    mis_logits = self.c_real(real_out, losses.mismatched(sent).detach())
                     with contextlib.nullcontext() if keep_graph else torch.no_grad():
                         fake = self.g(noise, sent)
                         fake_feats, fake_emb = self.clip_features(fake)
@@ -435,15 +432,6 @@ class TrainLog:
             w.writerow({k: row.get(k, "") for k in self.fields})
 
 
-def mismatch_captions(mismatch: str) -> Callable[[list[str]], list[str]] | None:
-    """Captions -> D's mismatched captions for ``train.mismatch``; None: roll the batch's own (reference)."""
-    if mismatch == "one_attribute":
-        from ..data.demo_data import one_attribute_negatives
-
-        return one_attribute_negatives
-    return None
-
-
 def _retry(cfg: Config) -> storage.Retry:
     return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s)
 
@@ -575,7 +563,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     # One loader for the whole run: its workers walk from checkpoint segment to segment themselves.
     stream, data_stats = training_stream(
         cfg.data, trainer.clip.tokenizer, t.batch_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
-        plan=StreamPlan(trainer.step, t.ckpt_every, t.grad_accum), negatives=mismatch_captions(t.mismatch),
+        plan=StreamPlan(trainer.step, t.ckpt_every, t.grad_accum),
     )
     evaluator, best, eval_log, evaluated_at = None, None, None, trainer.step
     if env.is_main and t.eval_every:

@@ -43,6 +43,7 @@ def cpu_rows() -> list[list[str]]:
             name = path.name
             if r["bench"] in ("train_step", "generate"):
                 what = f"{r['bench']}: {r['clip_model']} {r['image_size']} px, batch {r['batch']}, {r['precision']}"
+                what += f", ngf {r['ngf']}" if "ngf" in r else ""
                 rows.append([what, f"{r['images_per_s']} img/s ({r['sec_per_iter']} s/iter)", _cpu_machine(r), name])
             elif r["bench"] == "loader":
                 what = f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}"

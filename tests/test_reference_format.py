@@ -4,6 +4,7 @@ partial files, fine-tuning from an import, registration with its origin, and wro
 from __future__ import annotations
 
 import argparse
+import json
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import galip.model
 from galip.train.checkpoint import latest_checkpoint, load_checkpoint, load_generator, training_clip
 from galip.cli import main
 from galip.config import load_config
@@ -62,7 +64,7 @@ def resblock(name, w):  # ResidualAttentionBlock: attn (nn.MultiheadAttention), 
 
 def clip_mapper(name, s):  # CLIP_Mapper: class_embedding, positional_embedding (own), conv1, ln_pre, transformer
     head = [(f"{name}.class_embedding", (s.width,)), (f"{name}.positional_embedding", (s.grid**2 + 1, s.width))]
-    head += conv(f"{name}.conv1", 3, s.width, s.patch, bias=False) + layer_norm(f"{name}.ln_pre", s.width)
+    head += conv(f"{name}.conv1", 3, s.width, s.patch, bias=False) + (layer_norm(f"{name}.ln_pre", s.width) if s.ln_pre else [])
     return head + [e for i in range(s.depth) for e in resblock(f"{name}.transformer.resblocks.{i}", s.width)]
 
 
@@ -95,12 +97,14 @@ def net_c_table(s):  # NetC: joint_conv = conv 4x4 (no bias), LeakyReLU, conv 4x
 
 VITB32 = SimpleNamespace(
     nz=100, ngf=64, ndf=64, code=64, mid=32, mapper_blocks=4, g_blocks=6,
-    width=768, patch=32, grid=7, depth=12, embed=512, n_prompts=8, n_feats=3,
+    width=768, patch=32, grid=7, depth=12, embed=512, n_prompts=8, n_feats=3, ln_pre=True,
 )  # fmt: skip
-# The demo profile shrunk by helpers.tiny_overrides; galip-tiny: width 128, patch 8 at 64 px, 4 blocks, embed 128.
+# The demo profile shrunk by helpers.tiny_overrides; galip-tiny: width 128, patch 8 at 64 px, 4 blocks, embed 128,
+# and no ln_pre (its vision_cfg.no_ln_pre: open_clip makes it an Identity, so the tree has no ln_pre entries).
 TINY = SimpleNamespace(
     nz=100, ngf=8, ndf=8, code=8, mid=8, mapper_blocks=1, g_blocks=3,
     width=128, patch=8, grid=8, depth=4, embed=128, n_prompts=3, n_feats=3,
+    ln_pre=not json.loads((Path(galip.model.__file__).parent / "model_configs/galip-tiny.json").read_text())["vision_cfg"].get("no_ln_pre", False),
 )  # fmt: skip
 TABLES = {"netG": net_g_table, "netD": net_d_table, "netC": net_c_table}
 

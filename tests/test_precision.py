@@ -41,17 +41,18 @@ def _losses(cfg, steps: int) -> list[dict[str, float]]:
 def test_bf16_train_step_tracks_fp32(tmp_path, shards):
     """Same seed, same batch, 4 steps: bf16 autocast + bf16 CLIP weights vs fp32.
 
-    Tolerances (measured here: fp32 loss_d 2.07 -> 1.74, loss_g -0.34 -> 0.14, clip_sim ~0.155; the
-    largest bf16 gaps 0.013, 0.09, 0.001): step 1 (same weights, so forward numerics only) loss_g
-    within 0.02; every step loss_d within 2 %, loss_g within 0.15 (Adam with beta1 = 0 turns small
-    gradient differences into full-size updates, so trajectories drift), clip_sim within 0.005.
+    Tolerances (measured with galip-tiny's sin-cos positions and no ln_pre, train.seed 100, 1, 2: the
+    largest bf16 gaps were loss_d 2.2 % (step 1), loss_g 0.012 at step 1 and 0.18 later, clip_sim 0.0005):
+    step 1 (same weights, so forward numerics only) loss_g within 0.02; every step loss_d within 3 %,
+    loss_g within 0.25 (Adam with beta1 = 0 turns small gradient differences into full-size updates, so
+    trajectories drift), clip_sim within 0.005.
     """
     fp32 = _losses(tiny_config(tmp_path, shards, "train.precision=fp32"), 4)
     bf16 = _losses(tiny_config(tmp_path, shards, "train.precision=bf16"), 4)
     assert bf16[0]["loss_g"] == pytest.approx(fp32[0]["loss_g"], abs=0.02)
     for a, b in zip(fp32, bf16):
-        assert b["loss_d"] == pytest.approx(a["loss_d"], rel=0.02)
-        assert b["loss_g"] == pytest.approx(a["loss_g"], abs=0.15)
+        assert b["loss_d"] == pytest.approx(a["loss_d"], rel=0.03)
+        assert b["loss_g"] == pytest.approx(a["loss_g"], abs=0.25)
         assert b["clip_sim"] == pytest.approx(a["clip_sim"], abs=0.005)
     # and they are not trivially equal: bf16 really ran in bf16
     assert any(a["loss_g"] != b["loss_g"] for a, b in zip(fp32, bf16))

@@ -52,6 +52,7 @@ def test_gate_promotes_a_better_candidate_and_keeps_champion_for_a_worse_one(tra
     assert better["promoted"], better["reason"]
     worse = register_candidate(cfg, tiny_checkpoint, 0.60, tmp_path)
     assert not worse["promoted"] and "does not beat champion v2 (0.7)" in worse["reason"] and "champion stays v2" in worse["reason"]
+    assert worse["champion_version"] == "2", "a version string like the others (the flow writes 'v' + it)"
 
     assert tracking.get_model_version_by_alias(name, "champion").version == better["version"] == "2"
     assert tracking.get_model_version_by_alias(name, "challenger").version == worse["version"] == "3"

@@ -227,7 +227,7 @@ def gate(cfg: Config, version: str, value: float | None) -> GateDecision:
     def decide(promote: bool, reason: str) -> GateDecision:
         if promote:
             client.set_registered_model_alias(m.model_name, m.champion_alias, version)
-        after = version if promote else (champion.version if champion else None)
+        after = str(version) if promote else (str(champion.version) if champion else None)
         return GateDecision(promote, reason, version, after, m.gate_metric, value, champ_value)
 
     if value is None or math.isnan(value):

@@ -45,7 +45,16 @@ def test_failures_after_the_first_are_counted_and_reported(tmp_path, monkeypatch
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("tracking")).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    tracker = Tracker(enabled=True)
+    # An in-process mlflow.set_tracking_uri elsewhere (the registry, an earlier test) must not redirect
+    # the logs of the run the environment names.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")  # also sets the variable: set it back
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        tracker = Tracker(enabled=True)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with caplog.at_level(logging.DEBUG, logger="galip.tracking"):
         tracker.log_metrics({"loss_d": 1.0}, 1)
         tracker.log_metrics({"loss_d": 0.9}, 2)

@@ -56,7 +56,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient()
+            # The run id comes from the environment (set by the flow), so does its store: an in-process
+            # mlflow.set_tracking_uri (registry, a caller) must not send this run's logs elsewhere.
+            self._client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
 
     @property
     def active(self) -> bool:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from _readme import sync_block  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
 BEGIN, END = "<!-- speed-table:begin (bench/speed_table.py) -->", "<!-- speed-table:end -->"
 
 
@@ -93,21 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    text = README.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"README.md has no {BEGIN} ... {END} block", file=sys.stderr)
-        return 1
-    before, rest = text.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
-    new = before + render() + after
-    if args.check:
-        if new != text:
-            print("README.md speed tables differ from bench/results: run python bench/speed_table.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    return 0
-
+    return sync_block(BEGIN, END, render(), args.check, "python bench/speed_table.py")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,8 @@ def test_profiles_resolve_from_the_repository_params():
     assert (cc12m.train.beta1, cc12m.train.beta2) == (0.0, 0.9)
     demo = load_config("params.yaml", profile="demo")
     assert demo.model.clip_model == "galip-tiny" and demo.model.image_size == 64
-    assert demo.train.lr_g == cc12m.train.lr_g  # the overlay only touches what it names
+    assert (demo.train.lr_g, demo.train.lr_d) == (2e-4, 8e-4)  # the demo sweep's choice
+    assert demo.train.beta2 == cc12m.train.beta2  # the overlay only touches what it names
 
 
 def test_dvc_style_overrides():

@@ -187,9 +187,9 @@ def test_resume_with_changed_recipe_or_architecture_is_refused_unless_allowed(tm
     capsys.readouterr()
 
     more = tiny_overrides(tmp_path, shards, "train.max_steps=4")  # more steps: always fine
-    assert main(["train", "--profile", "demo", "--resume", *set_args([*more, "train.lr_g=0.0002"])]) == 2
+    assert main(["train", "--profile", "demo", "--resume", *set_args([*more, "train.lr_g=0.0003"])]) == 2
     (line,) = _error_lines(capsys.readouterr().err)
-    assert "train.lr_g=0.0001 -> 0.0002" in line and "--allow-config-change" in line
+    assert "train.lr_g=0.0002 -> 0.0003" in line and "--allow-config-change" in line
     assert main(["train", "--profile", "demo", "--resume", *set_args([*more, "model.ngf=16"])]) == 2
     (line,) = _error_lines(capsys.readouterr().err)
     assert "model.ngf=8 -> 16" in line
@@ -199,10 +199,10 @@ def test_resume_with_changed_recipe_or_architecture_is_refused_unless_allowed(tm
     assert [p.name for p in list_checkpoints(tmp_path / "run/checkpoints")] == ["ckpt_00000002.pt"], "no work done"
 
     # allowed: the new learning rate is the one in force (not the one the optimiser state restored)
-    assert main(["train", "--profile", "demo", "--resume", "--allow-config-change", *set_args([*more, "train.lr_g=0.0002"])]) == 0
+    assert main(["train", "--profile", "demo", "--resume", "--allow-config-change", *set_args([*more, "train.lr_g=0.0003"])]) == 0
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/ckpt_00000004.pt")
-    assert {g["lr"] for g in ckpt["optG"]["param_groups"]} == {0.0002}
-    assert {g["lr"] for g in ckpt["optD"]["param_groups"]} == {0.0004}
+    assert {g["lr"] for g in ckpt["optG"]["param_groups"]} == {0.0003}
+    assert {g["lr"] for g in ckpt["optD"]["param_groups"]} == {0.0008}
 
 
 # --- 7: bad input, one line each, nothing written ----------------------------------------------------------------

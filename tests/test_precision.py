@@ -170,3 +170,41 @@ def test_readme_speed_tables_match_the_result_files():
     import speed_table
 
     assert speed_table.main(["--check"]) == 0, "run: python bench/speed_table.py"
+
+
+def test_readme_demo_sweep_table_matches_the_result_files():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_sweep
+
+    assert demo_sweep.main(["--table", "--check"]) == 0, "run: python bench/demo_sweep.py --table"
+
+
+@pytest.mark.slow
+def test_demo_sweep_runs_variants_side_by_side(tmp_path, shards):
+    """bench/demo_sweep.py: real training processes, one per variant, each evaluated in training; the
+    report and bundle hold every evaluation row and the newest sample grid."""
+    import subprocess
+    import tarfile
+
+    tiny = ",".join(["data.workers=0", "data.shuffle_buffer=8", "train.batch_size=4", "model.ngf=8", "model.ndf=8",
+                     "model.code_channels=8", "model.code_mid_channels=8", "model.mapper_blocks=1"])
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "bench/demo_sweep.py", "--clip", "", "--shards", str(shards), "--out", str(out),
+           "--device", "cpu", "--max-steps", "4", "--eval-every", "2", "--eval-samples", "8", "--sample-every", "2",
+           "--threads", "1", "--deadline-s", "400", "--bundle", str(tmp_path / "b.tar.gz"),
+           "--variant", f"a:{tiny}", "--variant", f"b:{tiny},model.feature_blocks=[0,2],train.lr_g=0.0003"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["variants"]["b"]["overrides"][-2:] == ["model.feature_blocks=[0,2]", "train.lr_g=0.0003"]
+    for name, v in report["variants"].items():
+        assert v["exit_code"] == 0 and v["steps"] == 4, (name, v)
+        assert [r["step"] for r in v["eval"]] == [2, 4]
+        assert {"prompt_fidelity", "held_in_shape", "held_out", "held_out_count"} <= set(v["eval"][-1])
+    import yaml
+
+    resolved = yaml.safe_load((out / "b" / "config.yaml").read_text())
+    assert resolved["model"]["feature_blocks"] == [0, 2] and resolved["train"]["lr_g"] == 0.0003
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"sweep.json", "a/eval_log.csv", "a/step_00000004.png", "b/train.log"} <= names

@@ -256,6 +256,7 @@ class ClipPretrainConfig(_Section):
     warmup: int = Field(ge=0, description="warm-up steps")
     workers: NonNegativeInt
     seed: int
+    attempts: PositiveInt = Field(description="train again with the next seed while an attribute stays unseparated (clip_probe.WEAK_SEPARATION)")
     report_path: str = Field(description="timing and per-attribute separation (galip.train.clip_probe)")
     separation_samples: PositiveInt = Field(description="rendered scenes per split for the separation measurement")
 

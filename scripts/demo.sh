@@ -48,7 +48,8 @@ sleep 1; kill "$TAIL_PID" 2>/dev/null || true; TAIL_PID=""
 if ((rc != 0)); then tail -n 40 "$PREFECT_HOME/demo-run.log"; step "flow run failed (exit $rc); worker log: $PREFECT_HOME/worker.log"; exit "$rc"; fi
 step "flow run finished"
 step "machine figure: 20 demo train steps (bench/train_step.py), so times from other machines compare"
-FIGURE=$("$PY" bench/train_step.py --profile demo --iters 20 --warmup 3 2>/dev/null | tail -n1)
+# batch 16 whatever the profile trains with: the figure stays comparable across recipes
+FIGURE=$("$PY" bench/train_step.py --profile demo --batch 16 --iters 20 --warmup 3 2>/dev/null | tail -n1)
 mkdir -p runs/demo
 "$PY" scripts/demo_timing.py "$PREFECT_HOME/worker.log" "$LOG_START" "$((SECONDS - T0))" "$FIGURE" >runs/demo/demo_timing.json
 if [[ "${KEEP:-0}" == 1 ]]; then step "starting the MLflow UI (KEEP=1)"; mlflow_ui_up; fi

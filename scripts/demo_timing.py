@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         "bench": "make_demo",
         "total_s": round(total, 1),
         "stages_s": stages,
-        "machine_figure": f"demo train step {figure['sec_per_iter']} s/iter (mean of 20, min {figure['sec_per_iter_min']})",
+        "machine_figure": f"demo train step, batch {figure['batch']}: {figure['sec_per_iter']} s/iter (mean of 20, min {figure['sec_per_iter_min']})",
         "train_step_s": figure["sec_per_iter"],
     }
     print(json.dumps(record))

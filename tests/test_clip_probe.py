@@ -96,7 +96,7 @@ def test_candidates_differ_from_the_true_caption_in_exactly_one_attribute():
             assert len(changed) <= 1
 
 
-def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypatch):
+def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypatch, caplog):
     import mlflow
     import open_clip
 
@@ -117,13 +117,27 @@ def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     result = {"checkpoint": str(ckpt), "wall_s": 1.0, "separation": measure_separation(cfg, ckpt)}
-    report(cfg, result)
+    with caplog.at_level("WARNING", logger="galip.clip_pretrain"):
+        report(cfg, result)
     saved = json.loads((tmp_path / "report.json").read_text())
+    # random weights separate nothing: the report and the warning name what the generator could not follow
+    weak = saved["weak_attributes"]
+    assert set(weak) == {"shape", "colour", "position", "size", "count"} and weak["position"] < 90
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "galip.clip_pretrain"]
+    assert f"position {weak['position']:.0f} % (chance 20 %)" in warning and "clip_pretrain.seed" in warning
     assert saved["separation"]["held_out"]["image_text"].keys() >= {"position", "min"}
     metrics = client.get_run(run_id).data.metrics
     assert metrics["clip/sep_held_out_image_text_position"] == saved["separation"]["held_out"]["image_text"]["position"]
     assert metrics["clip/wall_s"] == 1.0 and len([k for k in metrics if k.startswith("clip/sep_")]) == 24
     assert [a.path for a in client.list_artifacts(run_id, "clip")] == ["clip/report.json"]
+
+
+def test_weak_attributes_are_the_held_in_image_text_scores_below_the_floor():
+    from galip.train.clip_probe import weak_attributes
+
+    sep = {"held_in": {"image_text": {"shape": 98.0, "colour": 100.0, "position": 35.0, "size": 89.9, "count": 90.0, "min": 35.0}}}
+    assert weak_attributes(sep) == {"position": 35.0, "size": 89.9}
+    assert weak_attributes(sep, floor=30) == {}
 
 
 def test_chance_levels_match_the_value_counts():

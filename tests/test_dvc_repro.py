@@ -49,6 +49,13 @@ def test_dvc_repro_end_to_end_then_noop_then_experiment(tiny_project):
     assert (tiny_project / "runs/demo/clip/galip-tiny.pt").is_file()
     clip_report = json.loads((tiny_project / "runs/demo/clip/report.json").read_text())
     assert 0 <= clip_report["separation"]["held_out"]["image_text"]["position"] <= 100
+    # a one-epoch CLIP separates little: the stage trains again with the next seed and keeps the better run
+    tries = clip_report["attempts"]
+    assert [t["seed"] for t in tries] == [0, 1][: len(tries)]
+    assert len(tries) == 2 or tries[0]["held_in_image_text"]["min"] >= 90
+    assert clip_report["seed"] in (0, 1) and clip_report["separation"]["held_in"]["image_text"]["min"] == max(
+        t["held_in_image_text"]["min"] for t in tries)
+    assert sorted(p.name for p in (tiny_project / "runs/demo/clip").iterdir()) == ["galip-tiny.pt", "open_clip_train.log", "report.json"]
     lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
     assert set(STAGES) <= set(lock)
     assert lock["train"]["params"]["params.yaml"]["profiles.demo.train"]["max_steps"] == 6

@@ -122,7 +122,7 @@ def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypat
     saved = json.loads((tmp_path / "report.json").read_text())
     # random weights separate nothing: the report and the warning name what the generator could not follow
     weak = saved["weak_attributes"]
-    assert set(weak) == {"shape", "colour", "position", "size", "count"} and weak["position"] < 90
+    assert set(weak) == {"shape", "colour", "position", "size", "count"} and weak["position"] < 75
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "galip.clip_pretrain"]
     assert f"position {weak['position']:.0f} % (chance 20 %)" in warning and "clip_pretrain.seed" in warning
     assert saved["separation"]["held_out"]["image_text"].keys() >= {"position", "min"}
@@ -135,8 +135,8 @@ def test_clip_stage_report_has_separation_and_reaches_mlflow(tmp_path, monkeypat
 def test_weak_attributes_are_the_held_in_image_text_scores_below_the_floor():
     from galip.train.clip_probe import weak_attributes
 
-    sep = {"held_in": {"image_text": {"shape": 98.0, "colour": 100.0, "position": 35.0, "size": 89.9, "count": 90.0, "min": 35.0}}}
-    assert weak_attributes(sep) == {"position": 35.0, "size": 89.9}
+    sep = {"held_in": {"image_text": {"shape": 98.0, "colour": 100.0, "position": 35.0, "size": 74.9, "count": 75.0, "min": 35.0}}}
+    assert weak_attributes(sep) == {"position": 35.0, "size": 74.9}
     assert weak_attributes(sep, floor=30) == {}
 
 

@@ -52,7 +52,7 @@ def test_dvc_repro_end_to_end_then_noop_then_experiment(tiny_project):
     # a one-epoch CLIP separates little: the stage trains again with the next seed and keeps the better run
     tries = clip_report["attempts"]
     assert [t["seed"] for t in tries] == [0, 1][: len(tries)]
-    assert len(tries) == 2 or tries[0]["held_in_image_text"]["min"] >= 90
+    assert len(tries) == 2 or tries[0]["held_in_image_text"]["min"] >= 75
     assert clip_report["seed"] in (0, 1) and clip_report["separation"]["held_in"]["image_text"]["min"] == max(
         t["held_in_image_text"]["min"] for t in tries)
     assert sorted(p.name for p in (tiny_project / "runs/demo/clip").iterdir()) == ["galip-tiny.pt", "open_clip_train.log", "report.json"]

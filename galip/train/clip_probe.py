@@ -50,8 +50,9 @@ KINDS = ("image_text", "text_text")
 
 
 # Below this held-in image->text separation (%) an attribute counts as not learned: the generator cannot
-# follow it. Seen with one demo CLIP recipe on some data orders: position at 26-35 % (chance 20).
-WEAK_SEPARATION = 90.0
+# follow it. Demo CLIP runs that failed on position scored 23-40 % (chance 20); partial ones 81-86 %, and
+# those still let the generator learn it: a retry (2.4 min) is spent only on the clear failures.
+WEAK_SEPARATION = 75.0
 
 
 def chance() -> dict[str, float]:

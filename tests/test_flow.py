@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import signal
 import subprocess
@@ -160,7 +161,9 @@ def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fai
     assert client.get_logged_model(version.source.removeprefix("models:/")).name == "galip"
     # Rule and decision in the version's description (rendered as markdown by the MLflow UI) and in Prefect.
     assert "`prompt_fidelity` is at least 0 (`mlflow.gate_bar`)" in version.description
-    assert "**Decision**: v1 prompt_fidelity=0 meets the bar (at least 0) and there is no champion yet" in version.description
+    # what a 6-step model scores varies with the recipe; the decision states it, whatever it is
+    assert re.search(r"\*\*Decision\*\*: v1 prompt_fidelity=[0-9.]+ meets the bar \(at least 0\) and there is no champion yet",
+                     version.description), version.description
     assert version.tags["gate_decision"] in artifacts["gate"].data and flow_run.state.name == "Completed"
     mlrun = client.get_run(version.run_id)
     # one name per metric: metrics.json's `prompt_fidelity` is the run's metric; in-training estimates are train_eval/

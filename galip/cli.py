@@ -89,6 +89,30 @@ def config(
 
 
 @app.command()
+def profile(
+    name: Annotated[Optional[str], typer.Argument(help="preset in profiles/ to write to params.yaml (demo, cc12m)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    diff: Annotated[bool, typer.Option("--diff", help="list the keys where params.yaml differs from its preset; exit 1 if any")] = False,
+) -> None:
+    """Write a profile's values to params.yaml (what every stage and `dvc repro` read), or --diff it."""
+    from .config import preset_names, profile_diff, write_profile
+
+    try:
+        if diff or name is None:
+            current, changes = profile_diff(params)
+            typer.echo(f"{params}: profile {current}, {len(changes)} value(s) differ from profiles/{current}.yaml")
+            for line in changes:
+                typer.echo(f"  {line}")
+            raise typer.Exit(1 if diff and changes else 0)
+        cfg = write_profile(name, params, set_ or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{params}: profile {cfg.profile} (presets: {', '.join(preset_names(params))})")
+
+
+@app.command()
 def summary(
     clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model name")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="generator output size")] = None,

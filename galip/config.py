@@ -1,14 +1,18 @@
 """Typed configuration parsed from params.yaml.
 
-params.yaml is the single source of truth. It holds the base values (the reference GALIP recipe,
-i.e. the ``cc12m`` production run), a ``profiles`` table of named overlays, and ``profile``, which
-selects the overlay in force. Resolution order: base sections <- ``profiles[profile]`` <- overrides
-(``-S train.lr_g=2e-4``, DVC's syntax). Unknown keys and wrong types are rejected before any work
-starts, with the dotted key and the expected type in the message.
+params.yaml holds the values in force, complete: every galip command, every dvc.yaml stage (through
+its templated paths and `params:`) and the Prefect flow read it, and `dvc exp run -S train.lr_g=3e-4`
+edits exactly the value that runs. Profiles are presets in profiles/: ``cc12m.yaml`` is the reference
+GALIP recipe, complete; ``demo.yaml`` `extends` it and names only what it changes. ``galip profile
+NAME`` writes a preset, resolved, to params.yaml; ``--profile NAME`` on a command that reads a
+params.yaml holding another profile uses the preset instead (the Prefect cc12m deployment on a demo
+checkout). Overrides (``-S train.lr_g=2e-4``, DVC's syntax) apply last. Unknown keys and wrong types
+are rejected before any work starts, with the dotted key and the expected type in the message.
 
 The models below hold types, constraints and descriptions but no values: every key must be set in
-params.yaml, so no value can differ between the code and the file. A config saved with a checkpoint
-before a key existed gets that key from params.yaml when it is loaded (``config_from_dict``).
+the params file, so no value can differ between the code and the file. A config saved with a
+checkpoint before a key existed gets that key from the preset of its profile when it is loaded
+(``config_from_dict``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class DataConfig(_Section):
     url_col: str
     caption_col: str
     shards_dir: str
-    shards: str = Field(description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
+    shards: str = Field(description="webdataset shard spec (brace pattern, dir or s3://); '' = the shards data.manifest lists")
+    manifest: str = Field(description="the shard manifest galip download writes (a local file: the data version DVC tracks)")
+    report: str = Field(description="the data report galip download writes (local JSON)")
     image_size: int = Field(gt=0, description="img2dataset output size (shorter side with keep_ratio)")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"]
     encode_quality: int = Field(ge=1, le=100)
@@ -399,44 +405,172 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def resolve(raw: dict[str, Any], overrides: Sequence[str] = (), profile: str | None = None) -> Config:
-    """Build a validated Config from a params.yaml tree, a profile name and KEY=VALUE overrides."""
-    raw = copy.deepcopy(raw or {})
-    profiles = raw.pop("profiles", {}) or {}
-    parsed = [parse_override(o) for o in overrides]
-    for path, value in parsed:
-        if path == ["profile"]:
-            profile = value
-    name = profile or raw.get("profile") or "cc12m"
-    if not isinstance(profiles, dict) or (name not in profiles and name != "cc12m"):
-        raise ConfigError(f"profile {name!r} is not defined under 'profiles' in params.yaml (have: {sorted(profiles)})")
-    tree = _deep_merge(raw, profiles.get(name) or {})
+PRESETS_DIR = "profiles"
+# A preset names what it changes relative to the one it extends; a params file without `extends` is complete.
+EXTENDS = "extends"
+
+
+def _read_tree(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is a folder, not a params file (pass --params <file>.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid YAML text file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    if "profiles" in raw:
+        raise ConfigError(
+            f"{path}: a 'profiles' table is no longer read: profiles are files in {PRESETS_DIR}/ (e.g. {PRESETS_DIR}/demo.yaml), "
+            "and params.yaml holds the values in force (`galip profile demo` writes it)"
+        )
+    return raw
+
+
+def presets_dir(params_path: str | Path) -> Path:
+    """profiles/ next to the params file (the repository root), else next to the package (editable installs)."""
+    here = Path(params_path).resolve().parent / PRESETS_DIR
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / PRESETS_DIR
+
+
+def preset_names(params_path: str | Path = "params.yaml") -> list[str]:
+    return sorted(p.stem for p in presets_dir(params_path).glob("*.yaml"))
+
+
+def preset_tree(name: str, params_path: str | Path = "params.yaml", _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The complete params tree of preset ``name`` (profiles/<name>.yaml merged onto what it extends)."""
+    path = presets_dir(params_path) / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"profile {name!r} is not defined: no {path} (have: {preset_names(params_path)})")
+    if name in _seen:
+        raise ConfigError(f"{path}: `extends` loops ({' -> '.join([*_seen, name])})")
+    raw = _read_tree(path)
+    base = raw.pop(EXTENDS, None)
+    tree = _deep_merge(preset_tree(str(base), params_path, (*_seen, name)), raw) if base else raw
     tree["profile"] = name
-    for path, value in parsed:
-        if path[0] == "profiles":
-            # -S profiles.demo.train.batch_size=8 edits the overlay itself (DVC-style addressing).
-            if len(path) > 2 and path[1] == name:
-                _apply_override(tree, path[2:], value)
-            continue
-        if path != ["profile"]:
-            _apply_override(tree, path, value)
+    return tree
+
+
+def resolve(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A validated Config from a complete params tree and KEY=VALUE overrides (DVC's syntax)."""
+    tree = copy.deepcopy(raw or {})
+    for path, value in (parse_override(o) for o in overrides):
+        _apply_override(tree, path, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = (), profile: str | None = None) -> Config:
+def _profile_override(overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``-S profile=cc12m`` selects a profile like ``--profile cc12m`` (it is not a value to set)."""
+    profile, rest = None, []
+    for o in overrides:
+        path, value = parse_override(o)
+        if path == ["profile"]:
+            profile = str(value)
+        else:
+            rest.append(o)
+    return profile, rest
+
+
+def load_tree(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+    """The params tree in force: ``path`` (params.yaml: the values every stage and DVC read, including
+    `dvc exp run -S` edits), or the preset profiles/<profile>.yaml when ``profile`` names another
+    profile than the one ``path`` holds."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return resolve(raw, overrides, profile)
+    raw = _read_tree(path)
+    if profile and profile != raw.get("profile"):
+        log.info("%s holds profile %r: using the preset %s/%s.yaml", path, raw.get("profile"), PRESETS_DIR, profile)
+        return preset_tree(profile, path)
+    base = raw.pop(EXTENDS, None)
+    return _deep_merge(preset_tree(str(base), path), raw) if base else raw
+
+
+def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = (), profile: str | None = None) -> Config:
+    chosen, rest = _profile_override(overrides)
+    return resolve(load_tree(path, chosen or profile), rest)
+
+
+def write_profile(name: str, out: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Config:
+    """Write preset ``name`` (+ overrides), complete and with the presets' comments, to ``out``: the file
+    every stage, `dvc repro` and `dvc exp run -S <key>=<value>` then use. Validated before writing."""
+    from ruamel.yaml import YAML
+
+    cfg = resolve(preset_tree(name, out), overrides)
+    rt = YAML()
+    rt.width = 4096
+
+    def load(preset: str) -> Any:
+        doc = rt.load((presets_dir(out) / f"{preset}.yaml").read_text(encoding="utf-8"))
+        base = doc.pop(EXTENDS, None)
+        if base is None:
+            return doc
+        merged = load(str(base))
+        _merge_commented(merged, doc)
+        return merged
+
+    doc = load(name)
+    doc["profile"] = name
+    _merge_commented(doc, _nest(cfg.to_dict(), keep=doc))
+    header = (
+        f"# The values every stage reads (galip commands, dvc repro, the Prefect flow): profile {name!r},\n"
+        f"# written by `galip profile {name}` from {PRESETS_DIR}/{name}.yaml. Change any value here or with\n"
+        "# `dvc exp run -S train.lr_g=3e-4`; `galip profile --diff` lists what differs from the preset.\n"
+    )
+    import io
+
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    body = buf.getvalue()
+    while body.startswith("#"):  # the preset's own header describes the preset, not this file
+        body = body.split("\n", 1)[1]
+    Path(out).write_text(header + body, encoding="utf-8")
+    return cfg
+
+
+def _nest(values: dict[str, Any], keep: Any) -> dict[str, Any]:
+    """``values`` (the resolved config) keeping only what differs from ``keep`` (the commented document)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(keep.get(k), dict):
+            sub = _nest(v, keep[k])
+            if sub:
+                out[k] = sub
+        elif _plain(keep.get(k)) != v:
+            out[k] = v
+    return out
+
+
+def _plain(node: Any) -> Any:
+    return json.loads(json.dumps(node, default=list))
+
+
+def _merge_commented(doc: Any, over: dict[str, Any]) -> None:
+    """Set ``over``'s values in the round-trip document ``doc``, carrying the overlay's own comments."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict) and v:
+            _merge_commented(doc[k], v)
+            continue
+        doc[k] = v
+        comments = getattr(over, "ca", None)
+        if comments is not None and hasattr(doc, "ca"):
+            # the base's comment explains the base's value: the overlay's own comment, or none
+            if k in comments.items:
+                doc.ca.items[k] = comments.items[k]
+            else:
+                doc.ca.items.pop(k, None)
+
+
+def profile_diff(path: str | Path = "params.yaml") -> tuple[str, list[str]]:
+    """(profile, ``key: preset value -> value`` for every key where ``path`` differs from its preset)."""
+    raw = load_tree(path)
+    name = str(raw.get("profile", ""))
+    current = flatten(resolve(raw).to_dict())
+    preset = flatten(resolve(preset_tree(name, path)).to_dict())
+    return name, [f"{k}: {preset.get(k)!r} -> {current.get(k)!r}" for k in sorted(current) if preset.get(k) != current.get(k)]
 
 
 SECTIONS = tuple(name for name in Config.model_fields if name != "profile")
@@ -466,9 +600,8 @@ def fill_missing(saved: dict[str, Any], params: str | Path | None = None) -> tup
             f"the saved config lacks {', '.join(missing)} (saved before these keys existed) and no params.yaml "
             f"was found to fill them from (looked at {', '.join(str(c) for c in PARAMS_CANDIDATES)}): run from the repository root"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
     profile = saved.get("profile")
-    source = load_config(path, profile=profile if profile in (raw.get("profiles") or {}) else "cc12m").to_dict()
+    source = load_config(path, profile=profile if profile in preset_names(path) else "cc12m").to_dict()
     out = copy.deepcopy(saved)
     for key in missing:
         section, _, name = key.partition(".")

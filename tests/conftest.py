@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -248,7 +249,7 @@ TINY_DEMO = {
 
 
 def make_tiny_project(dst: Path) -> Path:
-    """A git checkout of this project's tracked files with a seconds-sized demo profile in params.yaml."""
+    """A git checkout of this project's tracked files with a seconds-sized demo in params.yaml."""
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -258,10 +259,9 @@ def make_tiny_project(dst: Path) -> Path:
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             _shutil.copy2(src, dst / rel)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for section, values in TINY_DEMO.items():
-        params["profiles"]["demo"].setdefault(section, {}).update(values)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from galip.config import flatten, write_profile
+
+    write_profile("demo", dst / "params.yaml", [f"{k}={json.dumps(v)}" for k, v in flatten(TINY_DEMO).items()])
     env = {**_os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         _subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)

@@ -21,8 +21,49 @@ def test_profiles_resolve_from_the_repository_params():
 def test_dvc_style_overrides():
     cfg = load_config("params.yaml", ["train.lr_g=2e-4", "train.compile=true", "profile=cc12m"])
     assert cfg.train.lr_g == 2e-4 and cfg.train.compile is True and cfg.profile == "cc12m"
-    cfg = load_config("params.yaml", ["profiles.demo.train.batch_size=8"], profile="demo")
-    assert cfg.train.batch_size == 8
+    cfg = load_config("params.yaml", ["train.batch_size=6"], profile="demo")
+    assert cfg.train.batch_size == 6
+
+
+def test_params_yaml_is_the_demo_preset_written_out():
+    """The committed params.yaml is what `galip profile demo` writes: the preset and the file cannot drift."""
+    from galip.config import profile_diff
+
+    assert profile_diff("params.yaml") == ("demo", [])
+    assert main(["profile", "--diff"]) == 0
+
+
+def test_a_written_profile_is_complete_and_every_key_in_it_is_the_value_in_force(tmp_path):
+    """params.yaml holds every key of its profile, so editing a key the profile sets (what `dvc exp run -S`
+    does) changes the run: nothing shadows it."""
+    import shutil
+
+    from ruamel.yaml import YAML
+
+    from galip.config import write_profile
+
+    shutil.copytree("profiles", tmp_path / "profiles")
+    params = tmp_path / "params.yaml"
+    for name, key, preset_value in (("demo", "lr_g", 2e-4), ("cc12m", "lr_g", 1e-4)):
+        write_profile(name, params, ["train.max_steps=5"])
+        assert yaml.safe_load(params.read_text())["train"][key] == preset_value  # the profile's own value, in the file
+        cfg = load_config(params)
+        assert (cfg.profile, cfg.train.max_steps, cfg.train.lr_g) == (name, 5, preset_value)
+        rt = YAML()
+        doc = rt.load(params.read_text())
+        doc["train"][key] = 3e-4  # as `dvc exp run -S train.lr_g=3e-4` edits the file (ruamel, round trip)
+        rt.dump(doc, params)
+        assert load_config(params).train.lr_g == 3e-4
+        assert load_config(params, profile=name).train.lr_g == 3e-4, "--profile naming the file's own profile reads the file"
+    assert load_config(params, profile="demo").train.lr_g == 2e-4, "another profile: its preset"
+    assert "# " in params.read_text(), "the presets' comments are kept"
+
+
+def test_profiles_table_in_a_params_file_is_refused_with_where_profiles_went(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("profile: demo\nprofiles: {demo: {}}\n")
+    with pytest.raises(ConfigError, match="profiles are files in profiles/"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +91,7 @@ def test_invalid_values_are_rejected_naming_the_key(override, needle):
 
 
 def test_unknown_profile_and_malformed_override():
-    with pytest.raises(ConfigError, match="profile 'nope'"):
+    with pytest.raises(ConfigError, match="profile 'nope' is not defined"):
         load_config("params.yaml", profile="nope")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("params.yaml", ["train.lr_g"])
@@ -109,7 +150,7 @@ def test_every_key_must_be_in_params(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"train\.max_steps: missing"):
-        load_config(path, profile="cc12m")
+        load_config(path)
 
 
 def test_old_saved_config_gets_new_keys_from_params(caplog, tmp_path):

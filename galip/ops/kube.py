@@ -103,7 +103,6 @@ def _under(path: str, workdir: str, mount: str) -> bool:
 def pod_params(cfg: Config) -> dict[str, Any]:
     """The resolved config as a params.yaml tree that ``load_config`` turns back into the same Config."""
     tree = cfg.to_dict()
-    tree["profiles"] = {cfg.profile: {}}
     resolve(tree)  # fail here, not in N pods, if the tree does not load back
     return tree
 

@@ -190,6 +190,29 @@ def download(
     typer.echo(json.dumps({k: report[k] for k in ("successes", "failed", "shards", "manifest", "manifest_hash")}))
 
 
+@app.command("verify-data")
+def verify_data(
+    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="shard manifest (default: data.manifest)")] = None,
+    copy_to: Annotated[Optional[Path], typer.Option("--to", help="also keep a local copy of every shard in this folder")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fetch every shard a manifest lists (folder or s3://) and check its sha256 and size; exit 2 on any mismatch."""
+    cfg = load_or_exit(params, profile, set_)
+    from .data.download import verify_manifest
+
+    path = manifest or Path(cfg.data.manifest)
+    if not path.is_file():
+        typer.echo(f"error: {path}: no manifest (run `galip download`, or `dvc checkout {path}` / `dvc pull {path}`)", err=True)
+        raise typer.Exit(2)
+    result = verify_manifest(path, cfg.data.s3_endpoint_url, copy_to)
+    typer.echo(json.dumps(result))
+    if result["mismatches"]:
+        typer.echo(f"error: {len(result['mismatches'])} of {result['shards']} shards do not match {path}: {result['mismatches'][0]}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def generate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="training checkpoint (.pt)")],

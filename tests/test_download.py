@@ -16,6 +16,8 @@ from galip.data.download import (
     incomplete_shards,
     prepare_url_list,
     run,
+    shard_store,
+    verify_manifest,
 )
 
 N_IMAGES = 60
@@ -24,6 +26,7 @@ N_IMAGES = 60
 def demo_cfg(root: Path, *extra: str):
     return load_config("params.yaml", [
         f"data.url_list={root / 'demo/urls.parquet'}", f"data.shards_dir={root / 'demo/shards'}",
+        f"data.manifest={root / 'demo/manifest.json'}", f"data.report={root / 'demo/data_report.json'}",
         f"data.demo_images={N_IMAGES}", "data.demo_broken=true", "data.samples_per_shard=20",
         "data.processes=1", "data.threads=8", *extra,
     ], profile="demo")
@@ -93,7 +96,7 @@ def test_interrupted_run_resumes_without_duplicate_or_partial_shards(downloaded)
     victim = shards / "00001.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     (shards / "00001_stats.json").unlink()
-    assert incomplete_shards(shards) == ["00001.tar"]
+    assert incomplete_shards(*shard_store(cfg.data)) == ["00001.tar"]
 
     again = run(cfg)
     after = {e["shard"]: e for e in json.loads(Path(again["manifest"]).read_text())["shards"]}
@@ -116,6 +119,34 @@ def test_resuming_with_other_settings_is_refused(downloaded):
         run(changed)
     assert "data.shards_dir" in str(err.value)
     assert len(list((root / "demo/shards").glob("*.tar"))) == 4  # nothing was touched
+
+
+@pytest.mark.slow
+def test_shards_written_to_s3_are_pinned_by_the_manifest_and_verified(tmp_path, s3_bucket, downloaded):
+    """The production layout: img2dataset writes to an s3:// prefix, the local manifest pins each shard's
+    sha256, training reads the shards it lists, and `galip verify-data` fetches and checks them."""
+    import boto3
+
+    from galip.cli import main
+    from galip.data.loader import resolve_shards
+
+    endpoint, bucket = s3_bucket
+    prefix = f"s3://{bucket}/galip/shards"
+    cfg = demo_cfg(tmp_path, f"data.shards_dir={prefix}", f"data.s3_endpoint_url={endpoint}")
+    report = run(cfg)
+    assert report["successes"] == N_IMAGES and report["shards_dir"] == prefix
+    manifest = json.loads(Path(report["manifest"]).read_text())
+    assert manifest["shards_dir"] == prefix and len(report["manifest_md5"]) == 32
+    assert resolve_shards(cfg.data) == [f"{prefix}/{s['shard']}" for s in manifest["shards"]]
+    checked = verify_manifest(Path(report["manifest"]), endpoint, copy_to=tmp_path / "copy")
+    assert checked["verified"] == checked["shards"] == len(manifest["shards"]) and not checked["mismatches"]
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [s["shard"] for s in manifest["shards"]]
+
+    # a shard changed after the manifest was written: verification names it and the command exits 2
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.put_object(Bucket=bucket, Key="galip/shards/00000.tar", Body=b"not the shard")
+    assert main(["verify-data", "--manifest", report["manifest"], "-S", f"data.s3_endpoint_url={endpoint}"]) == 2
+    assert verify_manifest(Path(report["manifest"]), endpoint)["mismatches"][0].startswith(f"{prefix}/00000.tar")
 
 
 def test_failure_reasons_are_one_readable_line():

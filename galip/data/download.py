@@ -32,6 +32,7 @@ from typing import Any
 
 from ..config import Config, DataConfig
 from ..errors import UserError
+from ..ops.storage import is_remote, s3_filesystem
 
 log = logging.getLogger("galip.download")
 
@@ -241,14 +242,22 @@ def run_img2dataset(data: DataConfig, list_dir: Path) -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    Path(data.shards_dir).mkdir(parents=True, exist_ok=True)
+    if is_remote(data.shards_dir):
+        # img2dataset's workers open the prefix through fsspec/s3fs: they read the endpoint from the environment
+        endpoint = data.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = os.environ["FSSPEC_S3_ENDPOINT_URL"] = endpoint
+        output_folder = data.shards_dir.rstrip("/")
+    else:
+        Path(data.shards_dir).mkdir(parents=True, exist_ok=True)
+        output_folder = str(Path(data.shards_dir).resolve())
     download(
         url_list=str(list_dir),
         input_format="parquet",
         url_col="url",
         caption_col="caption",
         output_format="webdataset",
-        output_folder=str(Path(data.shards_dir).resolve()),
+        output_folder=output_folder,
         image_size=data.image_size,
         resize_mode=data.resize_mode,
         encode_quality=data.encode_quality,
@@ -278,13 +287,26 @@ def failure_reason(message: str) -> str:
     return line[:160]
 
 
-def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
+def shard_store(data: DataConfig) -> tuple[Any, str]:
+    """(fsspec filesystem, root) of ``data.shards_dir``: a local folder or an s3:// prefix."""
+    if is_remote(data.shards_dir):
+        return s3_filesystem(data.s3_endpoint_url), data.shards_dir.rstrip("/")
+    import fsspec
+
+    return fsspec.filesystem("file"), str(Path(data.shards_dir).resolve())
+
+
+def _names(fs: Any, root: str, suffix: str) -> list[str]:
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*{suffix}"))
+
+
+def aggregate_stats(fs: Any, root: str) -> dict[str, Any]:
     """Sum img2dataset's ``*_stats.json`` (one per finished shard) into totals and a failure histogram."""
     totals: Counter = Counter()
     reasons: Counter = Counter()
     start, end = float("inf"), 0.0
-    for f in sorted(shards_dir.glob("*_stats.json")):
-        s = json.loads(f.read_text())
+    for name in _names(fs, root, "_stats.json"):
+        s = json.loads(fs.cat_file(f"{root}/{name}"))
         totals.update(count=s["count"], successes=s["successes"], failed_to_download=s["failed_to_download"],
                       failed_to_resize=s["failed_to_resize"])
         for message, n in s.get("status_dict", {}).items():
@@ -306,44 +328,106 @@ def aggregate_stats(shards_dir: Path) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+        return _sha256_stream(fh)
+
+
+def _sha256_stream(fh: Any) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 22), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
-def build_manifest(shards_dir: Path) -> dict[str, Any]:
-    """Every complete shard (img2dataset wrote its stats) with sample count, sha256 and size."""
-    shards = []
-    for stats_file in sorted(shards_dir.glob("*_stats.json")):
-        tar = shards_dir / stats_file.name.replace("_stats.json", ".tar")
-        if not tar.exists():
-            continue
-        samples = json.loads(stats_file.read_text())["successes"]
-        shards.append({"shard": tar.name, "samples": samples, "sha256": _sha256(tar), "bytes": tar.stat().st_size})
+def build_manifest(fs: Any, root: str, shards_dir: str) -> dict[str, Any]:
+    """Every complete shard (img2dataset wrote its stats) with sample count, sha256 and size. The shards
+    are read once here, where they were written (a folder or the S3 prefix), so the hashes are of what
+    training will read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [n.removesuffix("_stats.json") for n in _names(fs, root, "_stats.json")]
+    tars = set(_names(fs, root, ".tar"))
+
+    def entry(stem: str) -> dict[str, Any]:
+        samples = json.loads(fs.cat_file(f"{root}/{stem}_stats.json"))["successes"]
+        with fs.open(f"{root}/{stem}.tar", "rb") as fh:
+            digest = _sha256_stream(fh)
+        return {"shard": f"{stem}.tar", "samples": samples, "sha256": digest, "bytes": fs.size(f"{root}/{stem}.tar")}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        shards = list(pool.map(entry, [s for s in done if f"{s}.tar" in tars]))
     return {
-        "shards_dir": str(shards_dir),
+        "shards_dir": shards_dir,
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
     }
 
 
-def incomplete_shards(shards_dir: Path) -> list[str]:
+def incomplete_shards(fs: Any, root: str) -> list[str]:
     """Tars with no ``_stats.json``: img2dataset writes the stats last, so these were interrupted."""
-    return sorted(t.name for t in shards_dir.glob("*.tar") if not t.with_name(f"{t.stem}_stats.json").exists())
+    stats = set(_names(fs, root, "_stats.json"))
+    return [t for t in _names(fs, root, ".tar") if f"{t.removesuffix('.tar')}_stats.json" not in stats]
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    """One hash for the data a run trained on (logged to MLflow)."""
+    """One hash of the shards' contents (names and sha256), whatever file the manifest is written to."""
     body = json.dumps([[s["shard"], s["sha256"]] for s in manifest["shards"]]).encode()
     return hashlib.sha256(body).hexdigest()[:16]
 
 
+def file_md5(path: Path) -> str:
+    """md5 of a file as DVC 3 records an output's hash (dvc.lock ``md5``): the data version's DVC id."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_urls(manifest: dict[str, Any]) -> list[str]:
+    root = manifest["shards_dir"].rstrip("/")
+    return [f"{root}/{s['shard']}" for s in manifest["shards"]]
+
+
+def verify_manifest(manifest_path: Path, endpoint_url: str = "", copy_to: Path | None = None) -> dict[str, Any]:
+    """Read every shard the manifest lists from where it says they are and check sha256 and size;
+    with ``copy_to`` keep a local copy of each. Returns counts and the shards that do not match."""
+    from tqdm.auto import tqdm
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    root = manifest["shards_dir"].rstrip("/")
+    if is_remote(root):
+        fs = s3_filesystem(endpoint_url)
+    else:
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+    bad: list[str] = []
+    if copy_to:
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+    for entry in tqdm(manifest["shards"], desc="verify shards", unit="shard", disable=None):
+        url = f"{root}/{entry['shard']}"
+        h, size = hashlib.sha256(), 0
+        sink = open(Path(copy_to) / entry["shard"], "wb") if copy_to else None
+        try:
+            with fs.open(url, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+                    if sink:
+                        sink.write(chunk)
+        except FileNotFoundError:
+            bad.append(f"{url}: missing")
+            continue
+        finally:
+            if sink:
+                sink.close()
+        if h.hexdigest() != entry["sha256"] or size != entry["bytes"]:
+            bad.append(f"{url}: sha256 {h.hexdigest()[:12]}.. / {size} B, manifest says {entry['sha256'][:12]}.. / {entry['bytes']} B")
+    return {"manifest": str(manifest_path), "manifest_md5": file_md5(Path(manifest_path)), "manifest_hash": manifest_hash(manifest),
+            "shards": len(manifest["shards"]), "verified": len(manifest["shards"]) - len(bad), "mismatches": bad}
+
+
 def output_paths(data: DataConfig) -> dict[str, Path]:
-    root = Path(data.shards_dir).parent
-    return {"manifest": root / "manifest.json", "report": root / "data_report.json", "list_dir": root / ".url_parts"}
+    manifest = Path(data.manifest)
+    return {"manifest": manifest, "report": Path(data.report), "list_dir": manifest.parent / f".{manifest.stem}_url_parts"}
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -364,7 +448,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -386,19 +470,19 @@ def check_fingerprint(data: DataConfig) -> None:
     """Refuse to resume into shards made differently; record the settings for the next resume."""
     import yaml
 
-    shards_dir = Path(data.shards_dir)
-    path = shards_dir / FINGERPRINT_FILE
+    fs, root = shard_store(data)
+    path = f"{root}/{FINGERPRINT_FILE}"
     current = _fingerprint(data)
-    if path.exists():
-        recorded = yaml.safe_load(path.read_text()) or {}
+    if fs.exists(path):
+        recorded = yaml.safe_load(fs.cat_file(path)) or {}
         changed = sorted(k for k in current if recorded.get(k) != current[k])
         if changed:
             raise StaleShardsError(
-                f"{shards_dir} was written with different {', '.join(changed)} (see {path}). Delete that folder "
-                "to rebuild it, or set data.shards_dir to a new folder; resuming would mix two data sets."
+                f"{data.shards_dir} was written with different {', '.join(changed)} (see {path}). Shards are never "
+                "overwritten: set data.shards_dir to a new folder or prefix (or delete that one); resuming would mix two data sets."
             )
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(current, sort_keys=False))
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(path, yaml.safe_dump(current, sort_keys=False).encode())
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -418,23 +502,26 @@ def run(cfg: Config) -> dict[str, Any]:
         stack.callback(shutil.rmtree, paths["list_dir"], ignore_errors=True)
         list_stats = prepare_url_list(data, paths["list_dir"], base_url, refused)
         run_img2dataset(data, paths["list_dir"])
-    shards_dir = Path(data.shards_dir)
-    manifest = build_manifest(shards_dir)
+    fs, root = shard_store(data)
+    manifest = build_manifest(fs, root, data.shards_dir)
     report = {
-        **aggregate_stats(shards_dir),
+        **aggregate_stats(fs, root),
         # complete shards only: a tar without its stats file is one an interrupted run left half written
         "shards": len(manifest["shards"]),
         "bytes": manifest["bytes"],
-        "incomplete_shards": incomplete_shards(shards_dir),
+        "incomplete_shards": incomplete_shards(fs, root),
         "malformed_rows": list_stats.malformed,
         "malformed_lines": list_stats.malformed_lines,
         "list_rows": list_stats.rows,
         "wall_s": round(time.perf_counter() - t0, 2),
         "manifest": str(paths["manifest"]),
         "manifest_hash": manifest_hash(manifest),
-        "shards_dir": str(shards_dir),
+        "shards_dir": data.shards_dir,
     }
+    paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
     _write_json(paths["manifest"], manifest)
+    report["manifest_md5"] = file_md5(paths["manifest"])
+    paths["report"].parent.mkdir(parents=True, exist_ok=True)
     _write_json(paths["report"], report)
     print_report(report)
     return report

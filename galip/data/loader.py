@@ -114,10 +114,28 @@ def _register_s3_gopen(endpoint_url: str) -> None:
     wds.gopen_schemes["s3"] = gopen_s3
 
 
+def manifest_shards(data_cfg: DataConfig) -> list[str] | None:
+    """The shards ``data.manifest`` lists, when it describes ``data.shards_dir`` (the download's data version)."""
+    import json
+
+    from .download import manifest_urls
+
+    path = Path(data_cfg.manifest)
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return manifest_urls(manifest) if manifest.get("shards_dir") == data_cfg.shards_dir and manifest["shards"] else None
+
+
 def resolve_shards(data_cfg: DataConfig, shards: str | None = None) -> list[str]:
-    """Shard URLs from ``shards`` / ``data.shards`` (brace pattern, .tar, folder) or ``data.shards_dir``."""
+    """Shard URLs from ``shards`` / ``data.shards`` (brace pattern, .tar, folder), else the ones
+    ``data.manifest`` lists, else every .tar in ``data.shards_dir``."""
     from braceexpand import braceexpand
 
+    if not (shards or data_cfg.shards):
+        listed = manifest_shards(data_cfg)
+        if listed:
+            return listed
     spec = shards or data_cfg.shards or data_cfg.shards_dir
     if "{" in spec:
         urls = list(braceexpand(spec))

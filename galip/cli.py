@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,11 +42,33 @@ class GalipGroup(TyperGroup):
             # Warnings only, also when a library lowers the root level later (open_clip_train sets INFO).
             handler.setLevel(logging.WARNING)
             logging.basicConfig(level=logging.WARNING, handlers=[handler])
+        with _recorded_config_reads(ctx):
+            try:
+                return super().invoke(ctx)
+            except UserError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
+
+
+# Tests set it to a file: each command appends the config keys it read (galip.config.recording_reads).
+RECORD_READS_ENV = "GALIP_RECORD_CONFIG_READS"
+
+
+@contextlib.contextmanager
+def _recorded_config_reads(ctx):
+    target = os.environ.get(RECORD_READS_ENV)
+    if not target:
+        yield
+        return
+    from .config import recording_reads
+
+    with recording_reads() as reads:
         try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            yield
+        finally:
+            line = {"command": ctx.invoked_subcommand or "", "rank": os.environ.get("RANK", "0"), "reads": sorted(reads)}
+            with open(target, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
 
 
 app = typer.Typer(
@@ -154,9 +177,11 @@ def train(
 ) -> None:
     """Train GALIP (single process, or under torchrun: `torchrun --nproc_per_node=N -m galip train`)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
+    from .ops.pipeline_run import stage_run
     from .train.trainer import run
 
-    result = run(cfg, resume=resume, allow_config_change=allow_config_change)
+    with stage_run(cfg, "train"):
+        result = run(cfg, resume=resume, allow_config_change=allow_config_change)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps(result))
 
@@ -185,8 +210,10 @@ def download(
     """Download data.url_list into webdataset shards (img2dataset); write the data report and shard manifest."""
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .data.download import run
+    from .ops.pipeline_run import stage_run
 
-    report = run(cfg)
+    with stage_run(cfg, "download"):
+        report = run(cfg)
     typer.echo(json.dumps({k: report[k] for k in ("successes", "failed", "shards", "manifest", "manifest_hash")}))
 
 
@@ -243,9 +270,11 @@ def evaluate(
     """Score a checkpoint with eval.metrics; writes eval.out_dir/metrics.json and samples.png (torchrun-aware)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .eval.evaluate import USER_ERRORS, run
+    from .ops.pipeline_run import stage_run
 
     try:
-        result = run(cfg, checkpoint)
+        with stage_run(cfg, "evaluate"):
+            result = run(cfg, checkpoint)
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -261,10 +290,12 @@ def train_clip(
 ) -> None:
     """Train model.clip_model on the shards with open_clip_train; writes clip_pretrain.out_path (demo)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
+    from .ops.pipeline_run import stage_run
     from .train.clip_pretrain import run
 
     try:
-        result = run(cfg)
+        with stage_run(cfg, "clip"):
+            result = run(cfg)
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -318,24 +349,33 @@ def _convert(call) -> None:
 @app.command()
 def register(
     metrics: Annotated[
-        Optional[Path], typer.Option("--metrics", help="metrics.json written by `galip evaluate` (without it: no gate metric, champion unchanged)")
+        Optional[Path], typer.Option("--metrics", help="metrics.json of `galip evaluate` (default: eval.out_dir/metrics.json; without one: no gate metric, champion unchanged)")
     ] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="checkpoint (default: the one metrics.json names)")] = None,
-    run_id: Annotated[Optional[str], typer.Option("--run-id", help="MLflow run to log the model to (default: a new run)")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="MLflow run to log the model to (default: the pipeline's run)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """Log the generator as an MLflow pyfunc, register it (alias challenger) and apply the champion gate."""
+    """Log the generator as an MLflow pyfunc, register it (alias challenger) and apply the champion gate;
+    the result goes to eval.out_dir/registered.json."""
     cfg = load_or_exit(params, profile, set_, dry_run)
+    from .eval.evaluate import write_json_atomic
+    from .ops.pipeline_run import stage_run
     from .ops.registry import RegistryError, register_from_files
 
+    default = Path(cfg.eval.out_dir) / "metrics.json"
+    metrics = metrics or (default if default.is_file() else None)
+    if run_id:
+        os.environ["MLFLOW_RUN_ID"] = run_id
     try:
-        result = register_from_files(cfg, metrics, checkpoint, run_id)
+        with stage_run(cfg, "register") as pipeline_run_id:
+            result = register_from_files(cfg, metrics, checkpoint, pipeline_run_id)
     except (FileNotFoundError, RegistryError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    write_json_atomic(Path(cfg.eval.out_dir) / "registered.json", result)
     typer.echo(json.dumps(result))
 
 

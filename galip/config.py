@@ -17,11 +17,12 @@ checkpoint before a key existed gets that key from the preset of its profile whe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import yaml
 from pydantic import (
@@ -324,6 +325,25 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_not_reading = 0  # > 0 while a Config is built or bookkept: those reads are not what a stage depends on
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Reads inside are not a stage's inputs (validators; the pipeline's MLflow bookkeeping)."""
+    global _not_reading
+    _not_reading += 1
+    try:
+        yield
+    finally:
+        _not_reading -= 1
+
+
+def _validate(tree: dict[str, Any]) -> "Config":
+    with unrecorded():
+        return Config.model_validate(tree)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"train": {"lr_g": 1}} -> {"train.lr_g": 1} (MLflow params, config comparisons)."""
     out: dict[str, Any] = {}
@@ -459,7 +479,7 @@ def resolve(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
     for path, value in (parse_override(o) for o in overrides):
         _apply_override(tree, path, value)
     try:
-        return Config.model_validate(tree)
+        return _validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
 
@@ -574,6 +594,32 @@ def profile_diff(path: str | Path = "params.yaml") -> tuple[str, list[str]]:
 
 
 SECTIONS = tuple(name for name in Config.model_fields if name != "profile")
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Every ``section.key`` read from a Config while active: what a stage depends on, found by running
+    it (tests/test_dvc_repro.py compares it with dvc.yaml's ``params:``). Serialising a config (saving
+    it with a checkpoint, logging it) does not count as reading it."""
+    names = {Config.model_fields[s].annotation: s for s in SECTIONS}
+    reads: set[str] = set()
+    original = _Section.__getattribute__
+
+    def recording(self: Any, attr: str) -> Any:
+        if _not_reading:
+            return original(self, attr)
+        section = names.get(type(self))
+        if section and attr in type(self).model_fields:
+            reads.add(f"{section}.{attr}")
+        elif type(self) is Config and attr == "profile":
+            reads.add("profile")
+        return original(self, attr)
+
+    _Section.__getattribute__ = recording  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        _Section.__getattribute__ = original  # type: ignore[method-assign]
 # Where a saved config's missing keys come from: the working directory's params.yaml (the repository
 # root, the image's WORKDIR), else the one next to the package (editable installs run from elsewhere).
 PARAMS_CANDIDATES = (Path("params.yaml"), Path(__file__).resolve().parents[1] / "params.yaml")
@@ -622,6 +668,6 @@ def config_from_dict(d: dict[str, Any], params: str | Path | None = None) -> Con
     profile's values), with a warning naming them."""
     filled, _ = fill_missing(d, params)
     try:
-        return Config.model_validate(filled)
+        return _validate(filled)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None

@@ -27,6 +27,7 @@ from .redact import redact
 # Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
 LEGACY_METRIC_TAG_PREFIX = "gate."
 ORIGIN_TAG_PREFIX = "origin."
+DATA_TAG_PREFIX = "data."
 # Runtime packages of the pyfunc; pinned to what this environment trained with.
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
@@ -296,8 +297,11 @@ def register(
     if selection:
         client.set_model_version_tag(m.model_name, version, "checkpoint_selection", selection)
     for key, value in client.get_run(run_id).data.tags.items():
-        if key.startswith(ORIGIN_TAG_PREFIX):  # set by log_model for imported weights
+        # origin.*: set by log_model for imported weights; data.*: the data version (galip.ops.pipeline_run)
+        if key.startswith((ORIGIN_TAG_PREFIX, DATA_TAG_PREFIX)):
             client.set_model_version_tag(m.model_name, version, key, value)
+        elif key == "mlflow.source.git.commit":
+            client.set_model_version_tag(m.model_name, version, "git.commit", value)
     client.set_registered_model_alias(m.model_name, m.challenger_alias, version)
     raw = metrics.get(m.gate_metric)
     decision = gate(cfg, str(version), float(raw) if isinstance(raw, (int, float)) else None)

@@ -1,6 +1,10 @@
-"""Train the demo's tiny CLIP on the downloaded shards with open_clip's own trainer (``open_clip_train``).
+"""The clip stage: the CLIP weights every later stage loads, written to ``clip_pretrain.out_path``.
 
-    galip train-clip --profile demo
+    galip train-clip
+
+With ``clip_pretrain.enabled: false`` (production) the stage writes ``model.clip_pretrained`` (an open_clip
+tag such as ``openai``, or a staged local file) there, so DVC (dvc.lock) and MLflow pin the exact weights
+and the later stages never reach for the hub. With ``enabled`` (demo) it trains them first:
 
 GALIP trains against a *frozen* CLIP; with random CLIP weights the text signal is too weak for a short
 CPU demo, so the demo first fits its tiny CLIP (``model.clip_model: galip-tiny``) to the demo captions.
@@ -9,7 +13,7 @@ The result is a plain open_clip state_dict at ``clip_pretrain.out_path``, loadab
 open_clip_train runs in-process so it sees the project's model configs (registered at import time of
 this step, not of the package). After training, the stage measures how well the CLIP separates each
 demo attribute (``galip.clip_probe``) and writes it with the timing to ``clip_pretrain.report_path``
-(DVC metrics) and, under a flow (``MLFLOW_RUN_ID``), to MLflow as ``clip/sep_*`` metrics.
+(DVC metrics; galip.ops.pipeline_run logs it to the pipeline's MLflow run).
 """
 
 from __future__ import annotations
@@ -150,9 +154,8 @@ def measure_separation(cfg: Config, checkpoint: Path) -> dict[str, Any]:
 
 def report(cfg: Config, result: dict[str, Any]) -> None:
     """The stage's report: ``clip_pretrain.report_path`` (DVC metrics) and, under a flow, MLflow metrics."""
-    from .clip_probe import chance, flat_metrics, weak_attributes
+    from .clip_probe import chance, weak_attributes
     from ..eval.evaluate import write_json_atomic
-    from ..ops.tracking import Tracker
 
     weak = weak_attributes(result["separation"])
     if weak:
@@ -163,11 +166,7 @@ def report(cfg: Config, result: dict[str, Any]) -> None:
             "does not separate. Train it again with another clip_pretrain.seed or more clip_pretrain.epochs "
             "(e.g. dvc exp run -S clip_pretrain.seed=1)", result["checkpoint"], what,
         )
-    path = Path(cfg.clip_pretrain.report_path)
-    write_json_atomic(path, result)
-    tracker = Tracker(enabled=True)
-    tracker.log_metrics({f"clip/{k}": v for k, v in flat_metrics(result["separation"]).items()} | {"clip/wall_s": result["wall_s"]})
-    tracker.log_artifact(path, "clip")
+    write_json_atomic(Path(cfg.clip_pretrain.report_path), result)
 
 
 def _train_once(cfg: Config, shards: list[str], num_samples: int, seed: int, out: Path) -> dict[str, Any]:
@@ -204,8 +203,33 @@ def _train_once(cfg: Config, shards: list[str], num_samples: int, seed: int, out
     return result
 
 
+def export_pretrained(cfg: Config) -> dict[str, Any]:
+    """``model.clip_pretrained`` (tag, local file, or '' = seeded random weights) as a state_dict at out_path."""
+    import hashlib
+
+    from ..eval.evaluate import write_json_atomic
+    from ..model.clip import _create_open_clip
+
+    m, c = cfg.model, cfg.clip_pretrain
+    t0 = time.perf_counter()
+    torch.manual_seed(c.seed)  # only matters for random weights: the same file on every run
+    model = _create_open_clip(m.clip_model, m.clip_pretrained)
+    out = Path(c.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    result = {"enabled": False, "clip_model": m.clip_model, "source": m.clip_pretrained or f"random (seed {c.seed})",
+              "checkpoint": str(out), "sha256": digest, "wall_s": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(Path(c.report_path), result)
+    log.info("CLIP %s/%s written to %s (sha256 %s)", m.clip_model, result["source"], out, digest[:16])
+    return result
+
+
 def run(cfg: Config) -> dict[str, Any]:
-    """Train ``model.clip_model`` contrastively on the shards; returns the checkpoint path, timing and separation.
+    """Train ``model.clip_model`` contrastively on the shards (``clip_pretrain.enabled``), else write the
+    pretrained weights (``export_pretrained``); returns the checkpoint path, timing and separation.
 
     Whether the tiny CLIP learns position within the demo's epochs depends on the seed (and the data
     order): a run that leaves an attribute unseparated (``clip_probe.weak_attributes``) is trained again
@@ -216,6 +240,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from ..data.loader import resolve_shards
     from .clip_probe import weak_attributes
 
+    if not cfg.clip_pretrain.enabled:
+        return export_pretrained(cfg)
     register_project_model_configs()
     _patch_webdataset_eof()
     _quiet_console()

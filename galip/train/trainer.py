@@ -46,7 +46,7 @@ from ..model.models import NetC, NetD, NetG, build_nets
 from ..model.precision import Precision, apply_scale_floor, enable_fast_cuda_math
 from ..ops.redact import redact
 from .runlock import run_lock
-from ..ops.tracking import TRAIN_EVAL_PREFIX, Tracker, stage_params
+from ..ops.tracking import TRAIN_EVAL_PREFIX, Tracker
 
 log = logging.getLogger("galip.train")
 
@@ -552,8 +552,6 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if start is not None:
         trainer.load(start, allow_config_change)
         log.info("resumed from %s (step %d)", start, trainer.step)
-    if trainer.step == 0:
-        tracker.log_params({**stage_params(cfg, ["train"]), "world_size": env.world_size})
     result: dict[str, Any] = {"step": trainer.step, "checkpoint": str(start) if start else None, "losses": {}}
     if trainer.step >= max_steps:
         return result

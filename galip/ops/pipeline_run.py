@@ -1,0 +1,303 @@
+"""One MLflow run per pipeline execution, whichever entry point runs the stages.
+
+Each stage command (``galip download``, ``train-clip``, ``train``, ``evaluate``, ``register``) writes its
+own record to the run: the data report, manifest and dataset input; the CLIP report; the training log
+and config; the evaluation metrics and grid; the logged and registered model. So the Prefect flow,
+``dvc repro`` and commands typed by hand leave the same record.
+
+Which run: ``MLFLOW_RUN_ID`` when an orchestrator owns one (the Prefect flow opens it and adds only what
+belongs to Prefect). Otherwise the first stage that runs opens a run and writes its id to
+``<train.out_dir>/mlflow_run.json``; the next stages log to it. A stage whose record that run already
+holds (a second ``dvc repro``, a ``dvc exp run`` that only re-trains) opens a new run, which first gets
+the records of the stages upstream of it from their output files: every run holds the whole lineage
+(params, data version, CLIP, training, evaluation, model).
+
+Only rank 0 talks to MLflow. A logging failure is reported and counted by the stage's own code where
+it streams (the trainer's Tracker); the record written here after a stage succeeded fails the stage
+when MLflow refuses it, since the run would otherwise silently lack that stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..config import Config, flatten, unrecorded
+from ..pipeline import STAGES
+from .redact import redact
+
+log = logging.getLogger("galip.pipeline_run")
+RUN_FILE = "mlflow_run.json"
+STAGES_TAG = "galip.stages"
+# The params shown on the run page: the recipe a reader compares runs by. Everything else is in the
+# config/resolved.yaml artifact, and every key that differs from the profile's preset is logged too.
+KEY_PARAMS = (
+    "data.url_list", "data.shards_dir", "data.image_size", "model.clip_model", "model.clip_pretrained", "model.image_size",
+    "model.ngf", "model.ndf", "train.batch_size", "train.max_steps", "train.lr_g", "train.lr_d", "train.beta1",
+    "train.beta2", "train.sim_w", "train.precision", "train.ema_decay", "train.seed", "eval.metrics", "eval.n_samples",
+    "mlflow.gate_metric", "mlflow.gate_bar",
+)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``MLFLOW_TRACKING_URI`` (a server) wins; a relative SQLite path becomes absolute, because stage
+    processes may run elsewhere in the tree."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def client_for(cfg: Config):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri(cfg))
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created when missing, marked as model training (MLflow 3's UI otherwise
+    opens an experiment without this tag in its GenAI view)."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    if not exp or exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+        client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
+
+
+def world_size(cfg: Config) -> int:
+    return cfg.kube.nodes * cfg.kube.gpus_per_node if cfg.kube.nodes > 1 else cfg.flow.nproc_per_node
+
+
+def run_params(cfg: Config) -> dict[str, str]:
+    """The run's params: ``profile``, ``world_size``, KEY_PARAMS and every key that differs from the
+    profile's preset; the same keys whichever entry point opened the run."""
+    from ..config import preset_tree, resolve
+
+    flat = flatten(cfg.to_dict())
+    try:
+        preset = flatten(resolve(preset_tree(cfg.profile)).to_dict())
+    except Exception:  # noqa: BLE001 - a profile without a preset here (a pod's resolved file): no diff
+        preset = flat
+    keys = [k for k in KEY_PARAMS if k in flat] + sorted(k for k in flat if k not in KEY_PARAMS and preset.get(k) != flat[k])
+    return {"profile": cfg.profile, "world_size": str(world_size(cfg)), **{k: str(flat[k])[:6000] for k in keys}}
+
+
+def git_state() -> tuple[str, bool]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=False, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def open_run(cfg: Config, client: Any, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """A new run in ``mlflow.experiment`` with the pipeline's params, tags and resolved config (as the
+    stages after clip run it, whichever stage or orchestrator opens the run)."""
+    from mlflow.entities import Param
+
+    from ..pipeline import pipeline_config
+
+    cfg = pipeline_config(cfg)
+    commit, dirty = git_state()
+    all_tags = {
+        "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "galip.profile": cfg.profile,
+        "mlflow.source.name": "galip pipeline (galip/pipeline.py)", "mlflow.source.type": "JOB", **(tags or {}),
+    }  # fmt: skip
+    run = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in run_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
+    return run_id
+
+
+# --- what each stage leaves in the run, read from its output files ----------------------------------------
+def _record_download(cfg: Config, client: Any, run_id: str) -> None:
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    report = json.loads(Path(cfg.data.report).read_text())
+    manifest_path = Path(cfg.data.manifest)
+    manifest = json.loads(manifest_path.read_text())
+    for path in (cfg.data.report, cfg.data.manifest):
+        client.log_artifact(run_id, path, "data")
+    for key, value in data_version_tags(cfg).items():
+        client.set_tag(run_id, key, value)
+    _log_metrics(client, run_id, {f"data/{k}": report[k] for k in ("successes", "failed", "success_rate", "images_per_s", "shards")})
+    table = pd.DataFrame(manifest["shards"], columns=["shard", "samples", "sha256", "bytes"])
+    root = manifest["shards_dir"]
+    source = root if "://" in root else str(Path(root).resolve())
+    dataset = mlflow.data.from_pandas(table, source=source, name=f"galip-{cfg.profile}-shards", digest=report["manifest_hash"])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+
+
+def data_version_tags(cfg: Config) -> dict[str, str]:
+    """How a run finds its data again: the manifest's md5 (DVC's hash of it: `git log -S<md5> dvc.lock`
+    finds the commit), the hash of the shards' contents, and where the shards are."""
+    from ..data.download import file_md5, manifest_hash
+
+    manifest = json.loads(Path(cfg.data.manifest).read_text())
+    return {
+        "data.manifest": cfg.data.manifest,
+        "data.manifest_md5": file_md5(Path(cfg.data.manifest)),
+        "data.manifest_hash": manifest_hash(manifest),
+        "data.shards_dir": manifest["shards_dir"],
+    }
+
+
+def _record_clip(cfg: Config, client: Any, run_id: str) -> None:
+    report = json.loads(Path(cfg.clip_pretrain.report_path).read_text())
+    client.log_artifact(run_id, cfg.clip_pretrain.report_path, "clip")
+    if "sha256" in report:
+        client.set_tag(run_id, "clip.sha256", report["sha256"])
+    separation = report.get("separation")
+    if separation:  # two numbers on the run page; the per-attribute table is report.json
+        _log_metrics(client, run_id, {
+            "clip/held_in_min_separation": separation["held_in"]["image_text"]["min"],
+            "clip/held_out_min_separation": separation["held_out"]["image_text"]["min"],
+        })  # fmt: skip
+
+
+def _record_train(cfg: Config, client: Any, run_id: str) -> None:
+    out = Path(cfg.train.out_dir)
+    for name in ("train_log.csv", "config.yaml"):
+        if (out / name).is_file():
+            client.log_artifact(run_id, str(out / name), "train")
+
+
+def _record_evaluate(cfg: Config, client: Any, run_id: str) -> None:
+    from PIL import Image
+
+    out = Path(cfg.eval.out_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    step = int(metrics.get("protocol", {}).get("step", 0))
+    # metrics.json's names (and mlflow.gate_metric's): one name per metric everywhere
+    _log_metrics(client, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+    client.log_artifact(run_id, str(out / "metrics.json"), "eval")
+    grid = out / "samples.png"
+    if grid.is_file():
+        client.log_artifact(run_id, str(grid), "eval")
+        with Image.open(grid) as img:
+            client.log_image(run_id, img.copy(), key="eval_samples", step=step)
+
+
+def _record_register(cfg: Config, client: Any, run_id: str) -> None:
+    """Registration is the stage itself (galip.ops.registry): nothing to add from files."""
+
+
+RECORDS: dict[str, Callable[[Config, Any, str], None]] = {
+    "download": _record_download, "clip": _record_clip, "train": _record_train,
+    "evaluate": _record_evaluate, "register": _record_register,
+}  # fmt: skip
+OUTPUTS: dict[str, Callable[[Config], list[str]]] = {
+    "download": lambda c: [c.data.report, c.data.manifest],
+    "clip": lambda c: [c.clip_pretrain.report_path],
+    "train": lambda c: [f"{c.train.out_dir}/config.yaml"],
+    "evaluate": lambda c: [f"{c.eval.out_dir}/metrics.json"],
+    "register": lambda c: [],
+}
+
+
+def _log_metrics(client: Any, run_id: str, values: dict[str, Any], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items() if isinstance(v, (int, float))])
+
+
+# --- the run a stage logs to --------------------------------------------------------------------------------
+def _run_file(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / RUN_FILE
+
+
+def _recorded(client: Any, run_id: str) -> list[str]:
+    tag = client.get_run(run_id).data.tags.get(STAGES_TAG, "")
+    return [s for s in tag.split(",") if s]
+
+
+def _mark(client: Any, run_id: str, stage: str) -> None:
+    done = _recorded(client, run_id)
+    client.set_tag(run_id, STAGES_TAG, ",".join(s for s in STAGES if s in {*done, stage}))
+
+
+def _reusable(cfg: Config, client: Any, stage: str) -> str | None:
+    path = _run_file(cfg)
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if state.get("tracking_uri") != tracking_uri(cfg):
+            return None
+        run = client.get_run(state["run_id"])
+    except Exception:  # noqa: BLE001 - unreadable file, deleted run, other store: a new run
+        return None
+    if run.info.lifecycle_stage != "active" or stage in _recorded(client, run.info.run_id):
+        return None
+    return run.info.run_id
+
+
+def _new_pipeline_run(cfg: Config, client: Any, stage: str) -> str:
+    run_id = open_run(cfg, client, run_name=f"{cfg.profile} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                      tags={"mlflow.note.content": f"galip pipeline, profile `{cfg.profile}`, opened by the {stage} stage."})
+    for upstream in STAGES[: STAGES.index(stage)]:
+        if all(Path(p).is_file() for p in OUTPUTS[upstream](cfg)) and OUTPUTS[upstream](cfg):
+            RECORDS[upstream](cfg, client, run_id)
+            _mark(client, run_id, upstream)
+    path = _run_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(tracking_uri(cfg))}))
+    log.info("MLflow run %s (%s) opened by the %s stage", run_id, redact(tracking_uri(cfg)), stage)
+    return run_id
+
+
+@contextlib.contextmanager
+def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
+    """Run a stage inside the pipeline's MLflow run; yields the run id (None on ranks > 0).
+
+    ``MLFLOW_RUN_ID`` and ``MLFLOW_TRACKING_URI`` are set for the stage's own logging (the trainer's
+    Tracker, subprocesses). After the stage succeeded its record is written; a run this stage opened or
+    reopened is marked FINISHED (or FAILED when the stage raised)."""
+    if os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    owned = not os.environ.get("MLFLOW_RUN_ID")
+    with unrecorded():  # bookkeeping: which run and where is not an input of the stage
+        client = client_for(cfg)
+        if owned:
+            run_id = _reusable(cfg, client, stage) or _new_pipeline_run(cfg, client, stage)
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = os.environ["MLFLOW_RUN_ID"]
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+        os.environ.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri(cfg))
+    try:
+        yield run_id
+        with unrecorded():
+            RECORDS[stage](cfg, client, run_id)
+            _mark(client, run_id, stage)
+    except BaseException:
+        if owned:
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if owned:
+        client.set_terminated(run_id, status="FINISHED")

@@ -1,22 +1,21 @@
-"""Prefect flow ``galip-train``: preflight -> download -> data report -> [demo: CLIP] -> train -> evaluate -> register.
+"""Prefect flow ``galip-train``: preflight -> download -> data report -> clip -> train -> evaluate -> register.
 
-Tasks are thin: each stage is one ``galip`` command line, the very command the matching dvc.yaml stage
-runs (tests/test_flow.py checks that they are equal). With ``flow.use_dvc`` (demo profile) a task runs
-``dvc repro --single-item <stage>`` instead of the command itself, so DVC decides what is up to date
-and dvc.lock records what was produced from what, whether the flow or a user ran it. Without it
-(production pods, or parameter overrides from the Prefect form) the commands run directly and the
-train stage resumes from the newest checkpoint in ``train.out_dir``. With ``kube.nodes > 1`` the train
-task instead submits an Indexed Job (galip.ops.kube.train_job), streams pod 0's log and fails when the
-Job fails; one node trains here with ``torchrun --standalone``.
+Tasks are thin: each stage is the ``galip`` command line galip/pipeline.py defines, which dvc.yaml's
+stages also run. With ``flow.use_dvc`` (demo) a task runs ``dvc repro --single-item <stage>`` instead,
+so DVC decides what is up to date and dvc.lock records what was produced from what. Without it
+(production pods, a profile other than the one params.yaml holds, or overrides from the Prefect form)
+the commands run directly and the train stage resumes from the newest checkpoint in ``train.out_dir``.
+With ``kube.nodes > 1`` the train task instead submits an Indexed Job (galip.ops.kube.train_job),
+streams pod 0's log and fails when the Job fails.
+
+The flow opens the pipeline's MLflow run (galip.ops.pipeline_run.open_run: the same params as any other
+entry point) and hands its id to every stage (``MLFLOW_RUN_ID``); each stage writes its own record
+there. The flow adds only what belongs to Prefect: artifacts (data report, grids, metrics, gate) and
+the links between the Prefect flow run and the MLflow run, both ways.
 
 Re-running after a failure skips completed steps: a retried flow run reuses the persisted results of
 its completed tasks (Prefect's default cache policy is keyed on the run id), and a new run skips the
-stages DVC finds up to date. The flow owns the MLflow run: it passes ``MLFLOW_RUN_ID`` to every stage
-process, so the trainer logs its losses and sample grids into the same run.
-
-Each task receives what the previous one produced (or waits for it), so the flow-run graph draws the
-chain preflight -> download -> data-report -> train-clip -> train -> evaluate -> register. The MLflow
-run and the Prefect flow run link to each other; images are embedded in the Prefect artifacts.
+stages DVC finds up to date.
 """
 
 from __future__ import annotations
@@ -48,8 +47,10 @@ from prefect.artifacts import (
 from prefect.runtime import deployment, flow_run
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from galip.config import Config, ConfigError, load_config
+from galip.config import Config, ConfigError, load_config, load_tree
 from galip.ops.kube import runs_as_job, train_job
+from galip.ops.pipeline_run import open_run, tracking_uri
+from galip.pipeline import STAGES, stage_command
 from galip.ops.redact import RedactFilter, redact
 
 ROOT = Path.cwd()
@@ -97,7 +98,7 @@ def redacted_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 class GalipTrainParams(BaseModel):
     """Parameters of galip-train, validated against params.yaml before any work starts."""
 
-    profile: str = Field("demo", description="profile from params.yaml: demo (CPU, embedded) or cc12m (production)")
+    profile: str = Field("demo", description="profile: demo (CPU, embedded) or cc12m (production); params.yaml, or the preset in profiles/")
     overrides: list[str] = Field(
         default_factory=list,
         description="DVC-style overrides, e.g. train.lr_g=2e-4 or train.max_steps=2000 (stages then run without DVC)",
@@ -126,41 +127,26 @@ class GalipTrainParams(BaseModel):
         return self
 
     def config(self) -> Config:
+        """The resolved config; the flow resolves it once per run and hands it to every task."""
         try:
-            cfg = load_config(self.params_file, self.overrides, self.profile)
+            return load_config(self.params_file, self.overrides, self.profile)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-        if cfg.clip_pretrain.enabled:
-            # Later stages load the CLIP the clip stage writes (a fixed path: dvc.yaml declares it).
-            cfg = load_config(self.params_file, [*self.overrides, f"model.clip_pretrained={cfg.clip_pretrain.out_path}"], self.profile)
-        return cfg
 
-    def uses_dvc(self) -> bool:
-        return self.config().flow.use_dvc and not self.overrides
+    def select(self) -> list[str]:
+        """How each stage command finds this config: nothing (params.yaml) when it holds this profile."""
+        file_profile = load_tree(self.params_file).get("profile")
+        args = [] if file_profile == self.profile else ["--profile", self.profile]
+        args += ["--params", self.params_file] if self.params_file != "params.yaml" else []
+        return [*args, *(a for o in self.overrides for a in ("-S", o))]
 
-
-# ---------------------------------------------------------------------------------------------
-# Stage command lines: the single definition the flow runs and dvc.yaml's stages must equal.
-# ---------------------------------------------------------------------------------------------
-def _set_args(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("-S", o)]
+    def uses_dvc(self, cfg: Config) -> bool:
+        """`dvc repro` runs params.yaml as it is: only when the flow asks for nothing else."""
+        return cfg.flow.use_dvc and not self.select()
 
 
-def stage_commands(params: GalipTrainParams) -> dict[str, list[str]]:
-    cfg = params.config()
-    base = ["--profile", cfg.profile, *(["--params", params.params_file] if params.params_file != "params.yaml" else [])]
-    extra = _set_args(params.overrides)
-    clip = _set_args([f"model.clip_pretrained={cfg.clip_pretrain.out_path}"]) if cfg.clip_pretrain.enabled else []
-    nproc = cfg.flow.nproc_per_node
-    torchrun = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
-    commands = {
-        "download": ["galip", "download", *base, *extra],
-        "train": [*torchrun, "-m", "galip", "train", *base, *extra, *clip, "--resume"],
-        "evaluate": [*(torchrun + ["-m", "galip", "evaluate"] if nproc > 1 else ["galip", "evaluate"]), *base, *extra, *clip],
-    }
-    if cfg.clip_pretrain.enabled:
-        commands["clip"] = ["galip", "train-clip", *base, *extra]
-    return commands
+def stage_commands(params: GalipTrainParams, cfg: Config) -> dict[str, list[str]]:
+    return {stage: stage_command(stage, cfg, params.select()) for stage in STAGES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +203,11 @@ DVC_HINTS = re.compile(r"^\s*(To track the changes with git|git add dvc\.lock|To
 
 
 def run_stage(
-    name: str, params: GalipTrainParams, mlflow_run_id: str | None, tracking_uri: str | None, log: Callable[[str], None] | None = None
+    name: str, params: GalipTrainParams, cfg: Config, mlflow_run_id: str | None, tracking_uri: str | None,
+    log: Callable[[str], None] | None = None,
 ) -> None:
     log = log or get_run_logger().info
-    argv = ["dvc", "repro", "--single-item", name] if params.uses_dvc() else stage_commands(params)[name]
+    argv = ["dvc", "repro", "--single-item", name] if params.uses_dvc(cfg) else stage_command(name, cfg, params.select())
     log(f"[{name}] {shlex.join(argv)}")
     t0 = time.perf_counter()
 
@@ -233,14 +220,14 @@ def run_stage(
 
 
 def launch_training(
-    params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, run_id: str, log: Callable[[str], None], kube_api: Any = None
+    params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str, run_id: str, log: Callable[[str], None],
+    kube_api: Any = None,
 ) -> None:
     """kube.nodes > 1: an Indexed Job through galip.ops.kube (the task fails with the Job); else the train stage here."""
-    cfg = params.config()
     if runs_as_job(cfg):
         train_job(cfg, run_id=run_id, mlflow_run_id=mlflow_run_id, api=kube_api, log=lambda line: log(f"[train] {line}"))
     else:
-        run_stage("train", params, mlflow_run_id, tracking_uri, log)
+        run_stage("train", params, cfg, mlflow_run_id, tracking_uri, log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,74 +318,51 @@ def end_mlflow_run_if_running(tracking_uri: str, run_id: str) -> Callable[[], No
 # ---------------------------------------------------------------------------------------------
 @task(name="preflight")
 @redacted_errors
-def preflight(params: GalipTrainParams) -> str:
+def preflight(params: GalipTrainParams, cfg: Config) -> str:
     """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later."""
     from galip.ops.preflight import missing_prerequisites
 
-    problems = missing_prerequisites(params.config())
+    problems = missing_prerequisites(cfg)
     if problems:
         raise RuntimeError(f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems))
-    summary = f"preflight ok: profile {params.profile}, {'dvc repro stages' if params.uses_dvc() else 'direct stages'}"
+    summary = f"preflight ok: profile {params.profile}, {'dvc repro stages' if params.uses_dvc(cfg) else 'direct stages'}"
     get_run_logger().info(summary)
     return summary
 
 
 @task(name="download", retries=2, retry_delay_seconds=[10, 60], persist_result=True)
 @redacted_errors
-def download(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
+def download(params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str) -> dict[str, Any]:
     """img2dataset into shards; network-bound, so retried (img2dataset resumes finished shards)."""
-    from galip.data.download import ensure_demo_source, output_paths
+    from galip.data.download import ensure_demo_source
 
-    cfg = params.config()
     if cfg.data.demo_images:
         # The demo source is DVC-tracked (data.dvc) and regenerated byte for byte when absent.
         ensure_demo_source(cfg.data)
-    run_stage("download", params, mlflow_run_id, tracking_uri)
-    paths = output_paths(cfg.data)
-    report = json.loads(paths["report"].read_text())
-    return {"report": str(paths["report"]), "manifest": str(paths["manifest"]), "manifest_hash": report["manifest_hash"], **report}
-
-
-def log_training_dataset(report: dict[str, Any], profile: str) -> None:
-    """The shard manifest as the run's training dataset input (name, digest = manifest hash, source = shards)."""
-    import mlflow
-    import pandas as pd
-
-    manifest = json.loads(Path(report["manifest"]).read_text())
-    table = pd.DataFrame(manifest["shards"], columns=["shard", "samples", "sha256", "bytes"])
-    source = manifest["shards_dir"] if "://" in manifest["shards_dir"] else str(Path(manifest["shards_dir"]).resolve())
-    dataset = mlflow.data.from_pandas(table, source=source, name=f"galip-{profile}-shards", digest=report["manifest_hash"])
-    mlflow.log_input(dataset, context="training")
+    run_stage("download", params, cfg, mlflow_run_id, tracking_uri)
+    return json.loads(Path(cfg.data.report).read_text())
 
 
 @task(name="data-report")
 @redacted_errors
-def data_report(report: dict[str, Any], profile: str, mlflow_run_id: str) -> str:
-    """The data report as a Prefect markdown artifact and an MLflow artifact; the shard manifest as the
-    run's training dataset."""
-    import mlflow
-
+def data_report(report: dict[str, Any]) -> str:
+    """The data report (which the download stage logged to MLflow) as a Prefect markdown artifact."""
     rows = ["rows", "successes", "failed", "success_rate", "malformed_rows", "shards", "bytes", "images_per_s"]
     lines = ["| metric | value |", "|---|---|", *(f"| {k} | {report.get(k)} |" for k in rows)]
     lines += [f"| failed: {reason[:80]} | {n} |" for reason, n in (report.get("failure_reasons") or {}).items()]
-    lines += ["", f"manifest `{report['manifest']}` sha256/16 `{report['manifest_hash']}`"]
+    lines += ["", f"manifest `{report['manifest']}` md5 `{report.get('manifest_md5')}` (the data version in dvc.lock and on the MLflow run)"]
     markdown = "# Data report\n\n" + "\n".join(lines)
     create_markdown_artifact(markdown, key="data-report", description="img2dataset result and shard manifest")
-    client = mlflow.MlflowClient()
-    client.set_tag(mlflow_run_id, "data.manifest_hash", report["manifest_hash"])
-    client.log_artifact(mlflow_run_id, report["report"], "data")
-    client.log_artifact(mlflow_run_id, report["manifest"], "data")
-    log_training_dataset(report, profile)
-    get_run_logger().info("data: %s images in %s shards (manifest %s)", report.get("successes"), report.get("shards"), report["manifest_hash"])
+    get_run_logger().info("data: %s images in %s shards (manifest md5 %s)", report.get("successes"), report.get("shards"), report.get("manifest_md5"))
     return markdown
 
 
 @task(name="train-clip", persist_result=True)
 @redacted_errors
-def train_clip(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str) -> str:
-    """Demo only: open_clip_train fits the tiny CLIP to the demo captions."""
-    run_stage("clip", params, mlflow_run_id, tracking_uri)
-    return params.config().clip_pretrain.out_path
+def train_clip(params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str) -> str:
+    """The CLIP weights the later stages load: trained on the shards (demo) or the pretrained ones, pinned."""
+    run_stage("clip", params, cfg, mlflow_run_id, tracking_uri)
+    return cfg.clip_pretrain.out_path
 
 
 # Training grids shown in the Prefect artifact (all of them are in MLflow, one image per sample step).
@@ -423,22 +387,16 @@ def training_samples_markdown(samples_dir: Path, prompts: list[str], links: Link
 
 @task(name="train", persist_result=True)
 @redacted_errors
-def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
+def train(params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
     """torchrun -m galip train here, or on kube.nodes pods; the trainer logs losses and sample grids to the MLflow run itself."""
     from galip.train.checkpoint import latest_checkpoint
 
     # The flow run's id names the Job, so a retried task follows the Job already running.
-    launch_training(params, mlflow_run_id, tracking_uri, str(flow_run.id or mlflow_run_id), get_run_logger().info)
-    cfg = params.config()
+    launch_training(params, cfg, mlflow_run_id, tracking_uri, str(flow_run.id or mlflow_run_id), get_run_logger().info)
     out = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is None:
         raise StageFailed(f"training finished but {cfg.train.out_dir}/checkpoints holds no checkpoint")
-    import mlflow
-
-    for name in ("train_log.csv", "config.yaml"):
-        if (out / name).is_file():
-            mlflow.MlflowClient().log_artifact(mlflow_run_id, str(out / name), "train")
     if any((out / "samples").glob("step_*.png")):
         markdown = training_samples_markdown(out / "samples", list(cfg.train.sample_prompts), links)
         create_markdown_artifact(markdown, key="training-samples", description="sample grids during training (train.sample_prompts)")
@@ -447,28 +405,15 @@ def train(params: GalipTrainParams, mlflow_run_id: str, tracking_uri: str, links
 
 @task(name="evaluate", persist_result=True)
 @redacted_errors
-def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, tracking_uri: str, links: Links) -> dict[str, Any]:
-    """galip evaluate on the trained checkpoint; metrics go to MLflow and to a Prefect table artifact."""
-    import mlflow
-
-    run_stage("evaluate", params, mlflow_run_id, tracking_uri)
-    cfg = params.config()
+def evaluate(params: GalipTrainParams, cfg: Config, checkpoint: str, mlflow_run_id: str, tracking_uri: str, links: Links) -> dict[str, Any]:
+    """galip evaluate on the trained checkpoint (it logs its metrics and grid to MLflow); Prefect gets a table and the grid."""
+    run_stage("evaluate", params, cfg, mlflow_run_id, tracking_uri)
     out = Path(cfg.eval.out_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    client = mlflow.MlflowClient()
     step = int(metrics.get("protocol", {}).get("step", 0))
-    ts = int(time.time() * 1000)
-    # The names of metrics.json (and of mlflow.gate_metric): one name per metric everywhere.
-    client.log_batch(mlflow_run_id, metrics=[mlflow.entities.Metric(k, v, ts, step) for k, v in flat.items()])
-    client.log_artifact(mlflow_run_id, str(out / "metrics.json"), "eval")
     grid = out / "samples.png"
     if grid.is_file():
-        from PIL import Image
-
-        client.log_artifact(mlflow_run_id, str(grid), "eval")
-        with Image.open(grid) as img:
-            client.log_image(mlflow_run_id, img.copy(), key="eval_samples", step=step)
         prompts = "\n".join(f"{i + 1}. `{p}`" for i, p in enumerate(cfg.train.sample_prompts))
         create_markdown_artifact(
             f"# Evaluation samples (step {step})\n\nRows, {cfg.eval.grid_n} seeds each:\n\n{prompts}\n\n{embedded_image(grid)}\n\n"
@@ -478,82 +423,60 @@ def evaluate(params: GalipTrainParams, checkpoint: str, mlflow_run_id: str, trac
         )
     create_table_artifact([{"metric": k, "value": float(f"{v:.4g}")} for k, v in flat.items()], key="metrics", description=f"evaluation at step {step}")
     get_run_logger().info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in flat.items()))
-    protocol = metrics.get("protocol", {})
-    chosen = protocol.get("checkpoint") or checkpoint
-    from galip.ops.registry import selection_text
-
-    selection = selection_text(protocol.get("selected_by"), chosen)
-    get_run_logger().info("evaluated %s", selection)
-    return {"metrics": flat, "checkpoint": chosen, "selection": selection, "grid": str(grid.resolve())}
+    chosen = metrics.get("protocol", {}).get("checkpoint") or checkpoint
+    return {"metrics": flat, "checkpoint": chosen, "grid": str(grid.resolve())}
 
 
 @task(name="register")
 @redacted_errors
-def register(params: GalipTrainParams, evaluation: dict[str, Any], mlflow_run_id: str, links: Links) -> dict[str, Any]:
-    """Log the pyfunc, register it (alias challenger), apply the champion gate; rule and decision go into
-    the version's description and a Prefect artifact."""
-    from dataclasses import asdict
-
+def register(params: GalipTrainParams, cfg: Config, evaluation: dict[str, Any], mlflow_run_id: str, tracking_uri: str, links: Links) -> dict[str, Any]:
+    """`galip register`: log the pyfunc, register it (alias challenger), apply the champion gate. The flow
+    adds the Prefect link to the version's description and a gate artifact."""
     from galip.ops import registry
 
-    cfg = params.config()
+    run_stage("register", params, cfg, mlflow_run_id, tracking_uri)
+    result = json.loads((Path(cfg.eval.out_dir) / "registered.json").read_text())
     m = cfg.mlflow
-    model_uri = registry.log_model(cfg, Path(evaluation["checkpoint"]), mlflow_run_id)
+    version = str(result["version"])
     run_links = {"MLflow run": links.run_url, **({"Prefect flow run": links.flow_run_url} if links.flow_run_url else {})}
-    version, decision = registry.register(cfg, model_uri, mlflow_run_id, evaluation["metrics"], run_links, evaluation.get("selection"))
+    client = mlflow_client(tracking_uri)
+    description = client.get_model_version(m.model_name, version).description or ""
+    client.update_model_version(m.model_name, version, description=description + "\n\n" + " · ".join(f"[{k}]({u})" for k, u in run_links.items()))
+    decision = registry.GateDecision(**{k: result[k] for k in registry.GateDecision.__dataclass_fields__ if k != "version"}, version=version)
     version_url = links.model_version_url(m.model_name, version)
     create_markdown_artifact(
         f"# Champion gate: {m.model_name} v{version}\n\n{registry.describe(cfg, decision, evaluation['metrics'], run_links)}\n\n"
         f"[{m.model_name} v{version} in the MLflow registry]({version_url}) · aliases: "
-        f"`{m.challenger_alias}` = v{version}, `{m.champion_alias}` = {('v' + decision.champion_version) if decision.champion_version else 'none'}",
+        f"`{m.challenger_alias}` = v{version}, `{m.champion_alias}` = {('v' + str(decision.champion_version)) if decision.champion_version else 'none'}",
         key="gate",
         description=f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}",
     )
     logger = get_run_logger()
     logger.info("registered %s version %s (alias %s): %s", m.model_name, version, m.challenger_alias, version_url)
     logger.info("gate: %s", decision.reason)
-    return {"name": m.model_name, "version": version, "model_uri": model_uri, "version_url": version_url, **asdict(decision)}
+    return {**result, "version": version, "version_url": version_url}
 
 
 # ---------------------------------------------------------------------------------------------
 # MLflow run owned by the flow
 # ---------------------------------------------------------------------------------------------
+def mlflow_client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
 def absolute_tracking_uri(cfg: Config) -> str:
-    """Stage processes may run elsewhere in the tree: make a relative SQLite path absolute."""
-    from galip.ops.registry import tracking_uri
-
-    uri = tracking_uri(cfg)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str((ROOT / uri[len(prefix) :]).resolve())
-    return uri
+    """The store every stage logs to (MLFLOW_TRACKING_URI wins; a relative SQLite path made absolute)."""
+    return tracking_uri(cfg)
 
 
-def git_commit() -> tuple[str, bool]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-
-    return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
-
-
-def run_params(cfg: Config, stages: list[str], world_size: int) -> dict[str, str]:
-    """The sections this run's stages read, flattened as MLflow params (the full config is an artifact)."""
-    from galip.ops.tracking import flatten, stage_params
-
-    return {k: str(v)[:6000] for k, v in flatten({**stage_params(cfg, stages), "flow": cfg.flow.model_dump(mode="json"), "world_size": world_size}).items()}
-
-
-def run_tags(cfg: Config, flow_run_url: str) -> dict[str, str]:
-    commit, dirty = git_commit()
+def prefect_tags(cfg: Config, flow_run_url: str) -> dict[str, str]:
     flow_name = flow_run.flow_name or "galip-train"
     link = f"[{flow_name} / {flow_run.name}]({flow_run_url})" if flow_run_url else f"{flow_name} / {flow_run.name}"
     return {
         # The run's "Source" in the MLflow UI: the flow, not Prefect's engine module that happens to run it.
         "mlflow.source.name": f"{flow_name} (flows/galip_train.py)",
-        "mlflow.source.type": "JOB",
-        "mlflow.source.git.commit": commit,
-        "git.dirty": str(dirty),
-        "galip.profile": cfg.profile,
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_url": flow_run_url,
         # The run's description (markdown in the MLflow UI): the way back to the Prefect flow run.
@@ -564,46 +487,43 @@ def run_tags(cfg: Config, flow_run_url: str) -> dict[str, str]:
 @flow(name="galip-train", log_prints=True)
 @redacted_errors
 def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any]:
-    """Download, [train the demo CLIP], train GALIP, evaluate, register and gate; one MLflow run for all of it."""
-    import mlflow
-
+    """Download, CLIP, train GALIP, evaluate, register and gate; one MLflow run for all of it."""
     on_timeout: list[Callable[[], None]] = []
     _stop_with_worker(on_timeout)
     logger = get_run_logger()
     cfg = params.config()
-    checked = preflight(params)
-    uri = absolute_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    checked = preflight(params, cfg)
+    uri = tracking_uri(cfg)
+    client = mlflow_client(uri)
     flow_run_url = flow_run.ui_url if flow_run.id else ""
-    stages = ["download", *(["clip"] if cfg.clip_pretrain.enabled else []), "train", "evaluate", *(["register"] if params.register_model else [])]
     run_name = f"{flow_run.flow_name or 'galip-train'}/{cfg.profile} {flow_run.name or ''}".strip()
-    with mlflow.start_run(run_name=run_name, tags=run_tags(cfg, flow_run_url), log_system_metrics=True) as run:
-        run_id = run.info.run_id
-        on_timeout.append(end_mlflow_run_if_running(uri, run_id))
-        links = Links(mlflow_ui=mlflow_ui_url(cfg, uri), experiment_id=experiment.experiment_id, run_id=run_id, flow_run_url=flow_run_url)
-        world_size = cfg.kube.nodes * cfg.kube.gpus_per_node if runs_as_job(cfg) else cfg.flow.nproc_per_node
-        mlflow.log_params(run_params(cfg, stages, world_size))
-        mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
-        create_link_artifact(
-            links.run_url,
-            link_text=f"MLflow run {run_name}",
-            key="mlflow-run",
-            description=f"metrics, per-step sample grids, model; served by `make ui` at {links.mlflow_ui}",
-        )
-        logger.info("MLflow run %s: %s", run_id, links.run_url)
-
-        report = download.with_options(retries=cfg.flow.download_retries)(params, run_id, uri, wait_for=[checked])
-        shown = data_report(report, cfg.profile, run_id)
-        clip = train_clip(params, run_id, uri, wait_for=[shown]) if cfg.clip_pretrain.enabled else shown
-        checkpoint = train(params, run_id, uri, links, wait_for=[clip])
-        evaluation = evaluate(params, checkpoint, run_id, uri, links)
+    run_id = open_run(cfg, client, run_name, prefect_tags(cfg, flow_run_url))
+    on_timeout.append(end_mlflow_run_if_running(uri, run_id))
+    links = Links(mlflow_ui=mlflow_ui_url(cfg, uri), experiment_id=client.get_run(run_id).info.experiment_id, run_id=run_id, flow_run_url=flow_run_url)
+    create_link_artifact(
+        links.run_url,
+        link_text=f"MLflow run {run_name}",
+        key="mlflow-run",
+        description=f"metrics, per-step sample grids, model; served by `make ui` at {links.mlflow_ui}",
+    )
+    logger.info("MLflow run %s: %s", run_id, links.run_url)
+    try:
+        report = download.with_options(retries=cfg.flow.download_retries)(params, cfg, run_id, uri, wait_for=[checked])
+        shown = data_report(report)
+        clip = train_clip(params, cfg, run_id, uri, wait_for=[shown])
+        checkpoint = train(params, cfg, run_id, uri, links, wait_for=[clip])
+        evaluation = evaluate(params, cfg, checkpoint, run_id, uri, links)
         result: dict[str, Any] = {
-            "mlflow_run_id": run_id, "mlflow_run_url": links.run_url, "checkpoint": checkpoint,
+            "mlflow_run_id": run_id, "mlflow_run_url": links.run_url, "checkpoint": evaluation["checkpoint"],
             "grid": evaluation["grid"], "metrics": evaluation["metrics"],
         }  # fmt: skip
         if params.register_model:
-            result["model"] = register(params, evaluation, run_id, links)
+            result["model"] = register(params, cfg, evaluation, run_id, uri, links)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
     logger.info("result: %s", json.dumps(result, default=str))
     return result
 

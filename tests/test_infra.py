@@ -494,7 +494,7 @@ def test_flow_trains_on_several_nodes_through_an_indexed_job():
     pods = [_pod("p0", "0", "Running", 0)]
     api = FakeAPI(states=[_job(), _job(("Complete", "Completed"))], pods=pods, logs={"p0": "step 10 loss_d 1.2\n"})
     lines: list[str] = []
-    launch_training(params, "mlflow-run-1", "sqlite:///not-for-pods.db", RUN_ID, lines.append, kube_api=api)
+    launch_training(params, params.config(), "mlflow-run-1", "sqlite:///not-for-pods.db", RUN_ID, lines.append, kube_api=api)
 
     assert [c[1] for c in api.calls if c[0] == "create"] == ["ConfigMap", "Service", "Job"]
     for body in api.created:
@@ -515,7 +515,8 @@ def test_flow_train_task_fails_with_the_job():
 
     api = FakeAPI(states=[_job(("Failed", "BackoffLimitExceeded"))], pods=[], logs={})
     with pytest.raises(kube.TrainJobFailed, match="BackoffLimitExceeded"):
-        launch_training(flow_params("kube.nodes=2"), "r", "sqlite:///unused.db", RUN_ID, print, kube_api=api)
+        params = flow_params("kube.nodes=2")
+        launch_training(params, params.config(), "r", "sqlite:///unused.db", RUN_ID, print, kube_api=api)
 
 
 @pytest.mark.slow
@@ -527,7 +528,7 @@ def test_flow_trains_one_node_with_torchrun_here(tmp_path):
     api = FakeAPI(states=[_job()], pods=[], logs={})
     params = flow_params("flow.nproc_per_node=1", "train.device=cpu", f"train.out_dir={tmp_path}/run", f"model.clip_pretrained={tmp_path}/no.pt")
     with pytest.raises(StageFailed, match=r"torchrun --standalone --nproc_per_node=1 -m galip train"):
-        launch_training(params, "", "", RUN_ID, print, kube_api=api)  # no MLflow run: the stage logs nowhere
+        launch_training(params, params.config(), "", "", RUN_ID, print, kube_api=api)
     assert api.calls == []
 
 

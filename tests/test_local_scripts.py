@@ -34,21 +34,18 @@ def test_ui_ports_are_the_default_then_the_recorded_one(tmp_path):
     assert pick_port(tmp_path, "mlflow", 5000).stdout.strip() != "", "each UI has its own record"
 
 
-def test_run_params_are_the_sections_its_stages_read():
-    from flows.galip_train import GalipTrainParams, run_params
-    from galip.ops.tracking import stage_params
+def test_run_params_are_the_recipe_and_what_differs_from_the_preset():
+    """Every entry point logs these same params (galip.ops.pipeline_run.run_params); the full config is an artifact."""
+    from galip.config import flatten, load_config
+    from galip.ops.pipeline_run import KEY_PARAMS, run_params
 
-    cfg = GalipTrainParams(profile="demo").config()
-    logged = run_params(cfg, ["download", "clip", "train", "evaluate", "register"], world_size=1)
-    sections = {k.split(".")[0] for k in logged}
-    assert sections == {"profile", "data", "model", "train", "eval", "clip_pretrain", "mlflow", "flow", "world_size"}
-    from galip.config import flatten
-
-    everything = flatten(cfg.to_dict())
-    assert len(logged) < len(everything) - 20, "kube.* and the other unused sections are left out"
-    assert logged["train.max_steps"] == str(cfg.train.max_steps)
-    trainer = stage_params(cfg, ["train"])
-    assert set(trainer) == {"profile", "data", "model", "train"}, "the trainer logs a subset with the same names"
+    cfg = load_config("params.yaml", profile="demo")
+    logged = run_params(cfg)
+    assert set(logged) == {"profile", "world_size", *KEY_PARAMS}, "params.yaml is the demo preset: only the recipe keys"
+    assert logged["train.max_steps"] == str(cfg.train.max_steps) and logged["profile"] == "demo"
+    assert len(logged) < len(flatten(cfg.to_dict())) / 3
+    changed = run_params(load_config("params.yaml", ["train.sim_w=2", "kube.nodes=2"], profile="demo"))
+    assert changed["train.sim_w"] == "2.0" and changed["kube.nodes"] == "2", "a changed key is always logged"
 
 
 def test_flow_parameters_reject_a_gate_metric_evaluation_does_not_report():

@@ -241,6 +241,25 @@ def verify_data(
 
 
 @app.command()
+def trace(
+    version: Annotated[str, typer.Argument(help="model version number (or an alias such as champion)")],
+    model: Annotated[Optional[str], typer.Option("--model", help="registered model (default: mlflow.model_name)")] = None,
+    manifest: Annotated[Path, typer.Option("--manifest", help="where to write the version's shard manifest")] = Path("trace/manifest.json"),
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """From a model version back to its run, git commit, config and data version; then `galip verify-data --manifest ...`."""
+    cfg = load_or_exit(params, profile, set_)
+    from .ops.pipeline_run import client_for, trace as run
+
+    name = model or cfg.mlflow.model_name
+    if not version.isdigit():
+        version = str(client_for(cfg).get_model_version_by_alias(name, version).version)
+    typer.echo(json.dumps(run(cfg, name, version, manifest), indent=2))
+
+
+@app.command()
 def generate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="training checkpoint (.pt)")],
     prompt: Annotated[list[str], typer.Option("--prompt", help="text prompt (repeatable: one grid row each)")],

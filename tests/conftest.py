@@ -10,6 +10,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_store_of_the_suite(tmp_path_factory, monkeypatch):
+    """Stage commands log to MLflow (galip.ops.pipeline_run): in tests, to a store of the suite's own, never
+    the checkout's mlflow.db. Module-scoped servers and subprocess helpers build their environments
+    before this applies or drop it, and so keep the store their test names."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.getbasetemp() / 'suite-mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Every socket connection attempt fails and is recorded: assert the list stays empty."""

@@ -301,3 +301,33 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
                 os.environ[k] = v
     if owned:
         client.set_terminated(run_id, status="FINISHED")
+
+
+def trace(cfg: Config, model_name: str, version: str, manifest_out: Path) -> dict[str, Any]:
+    """From a registered model version back to its code, params and data: the run, the git commit, the
+    resolved config, the manifest (fetched from the run and checked against the recorded md5) and the
+    commits whose dvc.lock records that manifest."""
+    from ..data.download import file_md5
+    from ..errors import UserError
+
+    client = client_for(cfg)
+    mv = client.get_model_version(model_name, version)
+    tags = mv.tags
+    md5 = tags.get("data.manifest_md5")
+    if not md5:
+        raise UserError(f"{model_name} v{version} records no data version (registered before data.* tags existed)")
+    manifest_out = Path(manifest_out)
+    manifest_out.parent.mkdir(parents=True, exist_ok=True)
+    fetched = Path(client.download_artifacts(mv.run_id, "data/manifest.json", str(manifest_out.parent)))
+    if fetched != manifest_out:
+        os.replace(fetched, manifest_out)
+        with contextlib.suppress(OSError):
+            fetched.parent.rmdir()
+    if file_md5(manifest_out) != md5:
+        raise UserError(f"the manifest logged with run {mv.run_id} has md5 {file_md5(manifest_out)}, the version records {md5}")
+    commits = subprocess.run(["git", "log", "--format=%H", f"-S{md5}", "--", "dvc.lock"], capture_output=True, text=True, check=False).stdout.split()
+    return {
+        "model": model_name, "version": str(version), "run_id": mv.run_id, "git_commit": tags.get("git.commit", ""),
+        "config": f"runs:/{mv.run_id}/config/resolved.yaml", "manifest": str(manifest_out), "manifest_md5": md5,
+        "manifest_hash": tags.get("data.manifest_hash", ""), "shards_dir": tags.get("data.shards_dir", ""), "dvc_lock_commits": commits,
+    }  # fmt: skip

@@ -37,7 +37,7 @@ RUN_PID=$!
 # One progress line per stage: the flow's stage start/finish lines, picked out of the worker's log. tail
 # ends with this script (--pid), and grep and sed with tail, even if this script is killed outright.
 tail -n0 -F --pid=$$ "$PREFECT_HOME/worker.log" 2>/dev/null > >(
-  grep --line-buffered -E "\[(download|clip|train|evaluate)\] (dvc|galip|torchrun|done)|gate:| - registered | - metrics: | - data: " \
+  grep --line-buffered -E "\[(download|clip|train|evaluate|register)\] (dvc|galip|torchrun|done)|gate:| - registered | - metrics: | - data: " \
     | sed -u -E 's/^.*\| (prefect\.(flow|task)_runs|.*) - /  /'
 ) &
 TAIL_PID=$!

@@ -101,7 +101,7 @@ def would_run(project: Path, key: str, value) -> list[str]:
     params.write_text(yaml.safe_dump(tree, sort_keys=False))
     try:
         status = dvc(project, "status")
-        dry = dvc(project, "repro", "--dry")
+        dry = dvc(project, "repro", "--dry", "--force-downstream")
     finally:
         params.write_text(before)
     changed = [s for s in STAGES if re.search(rf"^{s}:", status, re.M)]

@@ -149,3 +149,25 @@ def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoin
     client.set_model_version_tag(name, version, "gate.prompt_fidelity", "2")
     decision = gate(cfg, "2", 1.5)
     assert not decision.promoted and "does not beat champion v1 (2)" in decision.reason
+
+
+def test_experiments_open_as_model_training_and_keep_a_kind_set_by_hand(tmp_path):
+    """MLflow 3 opens an experiment without a kind as GenAI; ours are marked as model training once."""
+    import mlflow
+
+    from galip.ops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    new = ensure_experiment("fresh", uri)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    assert ensure_experiment("fresh", uri) == new
+    # an experiment made before this rule (or by plain mlflow) gets the kind on its next run
+    old = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert ensure_experiment("made-elsewhere", uri) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # a kind someone chose in the UI stays
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
+    ensure_experiment("made-elsewhere", uri)
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"

@@ -69,9 +69,11 @@ def main(argv: list[str]) -> int:
         f"  training grids  {(Path(cfg.train.out_dir) / 'samples').resolve()}/",
         f"  metrics         {metrics_path.resolve()}",
     ]
-    for key in ("prompt_fidelity", "r_precision", "clip_score_eval", "clip_score_train", "fd_clip"):
+    shown = ("prompt_fidelity", "prompt_fidelity_held_in_attr_mean", "prompt_fidelity_held_out_all_attrs", "r_precision",
+             "clip_score_eval", "clip_score_train", "fd_clip")  # fmt: skip
+    for key in shown:
         if key in metrics:
-            lines.append(f"    {key:16s} {metrics[key]:.4g}")
+            lines.append(f"    {key:34s} {metrics[key]:.4g}")
     if cfg.mlflow.champion_alias in aliases:
         serve = f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001"
         lines.append(f"  serve it        {serve}")

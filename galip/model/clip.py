@@ -47,7 +47,9 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _without_open_clip_random_init_warning():
+def without_random_init_warning():
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" (a root-logger warning) where
+    random weights are what was asked for."""
     root, drop = logging.getLogger(), _DropRandomInitWarning()
     root.addFilter(drop)
     try:
@@ -65,7 +67,7 @@ def _create_open_clip(name: str, pretrained: str) -> nn.Module:
     if not pretrained:
         # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger; here that
         # is what was asked for (the demo's CLIP before its own training, a seeded CLIP in tests): say it once, plainly.
-        with _without_open_clip_random_init_warning():
+        with without_random_init_warning():
             model = open_clip.create_model(name, pretrained=None)
         log.info("CLIP %s: random weights, as asked (no pretrained weights given)", name)
         return model

@@ -20,7 +20,7 @@ from galip.eval.evaluate import load_eval_generator, run
 from galip.eval.metrics.fid import INCEPTION_FILE, INCEPTION_URL
 from galip.train.trainer import Trainer
 
-from helpers import write_shards
+from helpers import eval_clip_checkpoint, write_shards
 
 TESTS = Path(__file__).parent
 CORE_KEYS = {"fd_clip", "clip_score_train", "clip_score_eval", "clip_cosine_train", "clip_cosine_eval", "r_precision"}
@@ -61,14 +61,8 @@ def cli_args(opts: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    import open_clip
-
-    from galip.model.clip import register_project_model_configs
-
     out = write_shards(tmp_path_factory.mktemp("data") / "shards", n_samples=40, per_shard=10)
-    register_project_model_configs()
-    torch.manual_seed(12345)
-    torch.save(open_clip.create_model("galip-tiny").state_dict(), eval_clip_file(out))
+    eval_clip_checkpoint(eval_clip_file(out))
     return out
 
 

@@ -17,7 +17,7 @@ from galip.cli import main
 from galip.config import load_config
 from galip.train.trainer import run
 
-from helpers import tiny_config, write_shards
+from helpers import eval_clip_checkpoint, tiny_config, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,8 @@ def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking,
     run_id = client.create_run(client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
-    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]", f"eval.out_dir={tmp_path / 'eval'}"))
+    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]",
+                    f"eval.out_dir={tmp_path / 'eval'}", f"eval.eval_clip_pretrained={eval_clip_checkpoint(tmp_path / 'eval_clip.pt')}"))
     metrics = client.get_run(run_id).data.metrics
     assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
     assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]

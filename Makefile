@@ -37,10 +37,11 @@ test-fast: install
 demo: install
 	scripts/demo.sh
 
-# Serve (or keep) the Prefect UI and the MLflow UI at the addresses `make demo` printed; `make stop` stops them.
+# Serve (or keep) the Prefect UI and the MLflow UI at the addresses `make demo` printed, with the local
+# worker, so a run started from the UI or the CLI (galip-train/cc12m too) starts; `make stop` stops them.
 ui: install
-	@source scripts/prefect-local.sh && prefect_server_up && mlflow_ui_up && \
-	  echo "Prefect UI: $$PREFECT_UI_URL" && echo "MLflow UI:  $$GALIP_MLFLOW_UI_URL"
+	@source scripts/prefect-local.sh && prefect_server_up && prefect_worker_up && deploy_local_cc12m && mlflow_ui_up && \
+	  $(PY) scripts/demo_summary.py "$$PREFECT_UI_URL" "$$GALIP_MLFLOW_UI_URL" ui
 
 # Stops flow runs of the local worker first (recorded as crashed), then worker, Prefect server, MLflow UI.
 stop:

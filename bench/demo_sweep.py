@@ -90,8 +90,9 @@ def read_rows(path: Path) -> list[dict[str, float]]:
 
 
 def short(row: dict[str, float]) -> dict[str, float]:
-    """An eval_log.csv row with the metric prefix dropped: prompt_fidelity_held_in_shape -> held_in_shape."""
-    return {k.removeprefix("prompt_fidelity_"): v for k, v in row.items()}
+    """An eval_log.csv row with the metric prefix dropped: prompt_fidelity_held_in_shape -> held_in_shape, ..._held_out_all_attrs -> held_out."""
+    # `held_out` was the name of held_out_all_attrs before metric names said what they measure: old results render too
+    return {k.removeprefix("prompt_fidelity_").removesuffix("_all_attrs"): v for k, v in row.items()}
 
 
 def bundle(out: Path, names: list[str], path: Path) -> None:

@@ -64,6 +64,9 @@ TELEMETRY_OFF = {
 }
 # tqdm redraws its bar with '\r'; forward at most one redraw per this many seconds to the run log.
 PROGRESS_EVERY_S = 15.0
+# Terminal control sequences (cursor moves such as ESC[A between stacked progress bars, colours): a run log
+# is not a terminal, so they are dropped from stage output.
+ANSI_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 class StageFailed(RuntimeError):
@@ -163,7 +166,7 @@ def stream_process(argv: list[str], env: dict[str, str], emit: Callable[[str], N
             buf += chunk
             *pieces, buf = re.split(rb"(\r|\n)", buf)
             for text, sep in zip(pieces[0::2], pieces[1::2]):
-                line = redact(text.decode(errors="replace").rstrip())
+                line = redact(ANSI_ESCAPE.sub("", text.decode(errors="replace")).rstrip())
                 if not line:
                     continue
                 now = time.monotonic()
@@ -172,8 +175,9 @@ def stream_process(argv: list[str], env: dict[str, str], emit: Callable[[str], N
                 last_progress = now if sep == b"\r" else last_progress
                 emit(line)
                 tail = (tail + [line])[-30:]
-        if buf.strip():
-            emit(redact(buf.decode(errors="replace").rstrip()))
+        rest = ANSI_ESCAPE.sub("", buf.decode(errors="replace")).rstrip()
+        if rest:
+            emit(redact(rest))
     except BaseException:
         # Interrupted (SIGTERM from a stop, a cancellation): the stage must not outlive the flow run.
         if proc.poll() is None:
@@ -241,16 +245,26 @@ class Links(BaseModel):
     run_id: str
     flow_run_url: str = ""
 
+    def _page(self, route: str) -> str:
+        from galip.ops.tracking import UI_WORKFLOW_QUERY
+
+        # MLflow's UI shows GenAI pages unless the link switches it to model training.
+        return f"{self.mlflow_ui}/#/{route}?{UI_WORKFLOW_QUERY}"
+
+    @property
+    def experiment_url(self) -> str:
+        return self._page(f"experiments/{self.experiment_id}")
+
     @property
     def run_url(self) -> str:
-        return f"{self.mlflow_ui}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return self._page(f"experiments/{self.experiment_id}/runs/{self.run_id}")
 
     def artifact_url(self, path: str) -> str:
-        """The file itself, as the MLflow UI serves it (a browser opens it while the UI runs)."""
-        return f"{self.mlflow_ui}/get-artifact?path={path}&run_uuid={self.run_id}"
+        """The run's artifact page with ``path`` selected (a preview, not a download), while the UI runs."""
+        return self._page(f"experiments/{self.experiment_id}/runs/{self.run_id}/artifactPath/{path}")
 
     def model_version_url(self, name: str, version: str) -> str:
-        return f"{self.mlflow_ui}/#/models/{name}/versions/{version}"
+        return self._page(f"models/{name}/versions/{version}")
 
 
 def mlflow_ui_url(cfg: Config, tracking_uri: str) -> str:

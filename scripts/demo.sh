@@ -29,7 +29,7 @@ mlflow_ui_url
 step "Prefect API at $PREFECT_API_URL; starting process worker for pool $GALIP_POOL"; prefect_worker_up
 step "deploying galip-train/demo (prefect.yaml) and galip-train/cc12m (local stand-in)"
 "$BIN/prefect" --no-prompt deploy --name demo >"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
-"$PY" -m flows.deploy_local "$GALIP_POOL" >>"$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
+deploy_local_cc12m
 LOG_START=$(wc -l <"$PREFECT_HOME/worker.log" 2>/dev/null || echo 0)
 step "running galip-train/demo (full stage logs: Prefect UI, or $PREFECT_HOME/worker.log)"
 "$BIN/prefect" deployment run galip-train/demo --watch --watch-interval 5 >"$PREFECT_HOME/demo-run.log" 2>&1 &

@@ -1,6 +1,6 @@
 """Print where to look after `make demo`: both UIs (run pages), model version, gate, sample grids, metrics.
 
-    python scripts/demo_summary.py PREFECT_UI_URL MLFLOW_UI_URL kept|running|stopped
+    python scripts/demo_summary.py PREFECT_UI_URL MLFLOW_UI_URL kept|running|stopped|ui
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ WHERE = {
     "kept": "KEEP=1: both UIs run on; `make stop` stops them",
     "running": "the Prefect server was running before and runs on; `make ui` also serves the MLflow UI, `make stop` stops both",
     "stopped": "the UIs stopped with the demo: `make ui` serves both again at these addresses, `make stop` stops them",
+    "ui": "`make ui`: both UIs and the local worker run until `make stop`",
 }
+# Prefect marks a deployment Ready while a worker polls its pool; the demo's worker may be gone.
+READY = (
+    "  deployments     Ready while the local worker polls pool galip-local (`make ui` and `make demo` start it);\n"
+    "                  Not Ready = no worker: a run then waits as Scheduled, later Late, until `make ui`"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -45,24 +51,29 @@ def main(argv: list[str]) -> int:
         except Exception:  # noqa: BLE001 - alias not set
             pass
     lines = ["", f"Where to look ({WHERE[state]})", f"  Prefect UI      {prefect_ui}"]
-    if runs:
-        run = runs[0]
+    run = runs[0] if runs else None
+    if run is not None and run.data.tags.get("prefect.flow_run_url"):
+        lines.append(f"    flow run      {run.data.tags['prefect.flow_run_url']}")
+    lines += [f"  Prefect CLI     export PREFECT_API_URL={prefect_ui}/api   (then e.g. prefect deployment run galip-train/cc12m)", READY]
+    if run is not None:
         links = Links(mlflow_ui=mlflow_ui, experiment_id=run.info.experiment_id, run_id=run.info.run_id)
-        if run.data.tags.get("prefect.flow_run_url"):
-            lines.append(f"    flow run      {run.data.tags['prefect.flow_run_url']}")
-        lines += [f"  MLflow UI       {mlflow_ui}", f"    run           {links.run_url}"]
+        lines += [f"  MLflow UI       {links.experiment_url}", f"    run           {links.run_url}"]
         if latest:
             tagged = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             lines.append(f"    model         {links.model_version_url(name, latest.version)}  ({name} v{latest.version}; {tagged})")
             lines.append(f"  gate            {latest.tags.get('gate_decision', '')}")
+    else:
+        lines.append(f"  MLflow UI       {mlflow_ui}")
     lines += [
         f"  sample grid     {(Path(cfg.eval.out_dir) / 'samples.png').resolve()}",
         f"  training grids  {(Path(cfg.train.out_dir) / 'samples').resolve()}/",
         f"  metrics         {metrics_path.resolve()}",
     ]
-    for key in ("prompt_fidelity", "r_precision", "clip_score_eval", "clip_score_train", "fd_clip"):
+    shown = ("prompt_fidelity", "prompt_fidelity_held_in_attr_mean", "prompt_fidelity_held_out_all_attrs", "r_precision",
+             "clip_score_eval", "clip_score_train", "fd_clip")  # fmt: skip
+    for key in shown:
         if key in metrics:
-            lines.append(f"    {key:16s} {metrics[key]:.4g}")
+            lines.append(f"    {key:34s} {metrics[key]:.4g}")
     if cfg.mlflow.champion_alias in aliases:
         serve = f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{cfg.mlflow.champion_alias} --env-manager local -h 127.0.0.1 -p 5001"
         lines.append(f"  serve it        {serve}")

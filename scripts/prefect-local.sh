@@ -49,7 +49,8 @@ prefect_server_up() {  # exports PREFECT_API_URL and PREFECT_UI_URL of the runni
   export PREFECT_API_URL="$api" PREFECT_UI_URL="http://127.0.0.1:$port"
   if ! _alive "$PREFECT_HOME/server.pid"; then
     # The UI reads its API address from PREFECT_UI_API_URL (GET /ui-settings); both name this server.
-    PREFECT_UI_API_URL="$api" setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
+    # The classic UI at the root too: the flow's links (prefect.runtime's ui_url) open classic pages.
+    PREFECT_UI_API_URL="$api" PREFECT_SERVER_UI_V2_ENABLED=false setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
       >"$PREFECT_HOME/server.log" 2>&1 </dev/null &
     echo $! >"$PREFECT_HOME/server.pid"; disown
     _wait_for 120 "Prefect server on port $port" _http_ok "$api/health"
@@ -89,6 +90,11 @@ prefect_worker_up() {
     >"$PREFECT_HOME/worker.log" 2>&1 </dev/null &
   echo $! >"$PREFECT_HOME/worker.pid"; disown
   _wait_for 90 "work pool $GALIP_POOL" "$BIN/prefect" work-pool inspect "$GALIP_POOL"
+}
+
+deploy_local_cc12m() {  # galip-train/cc12m on the local pool: a run fails in preflight, naming what is missing
+  "$PY" -m flows.deploy_local "$GALIP_POOL" >>"$PREFECT_HOME/deploy.log" 2>&1 \
+    || { tail -n 20 "$PREFECT_HOME/deploy.log" >&2; return 1; }
 }
 
 _stop_group() {  # _stop_group PID TERMS GRACE_S: SIGTERM the process group TERMS times, wait for PID, then SIGKILL the group

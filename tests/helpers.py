@@ -80,3 +80,21 @@ def tiny_config(tmp: Path, shards: Path, *extra: str) -> Config:
 def set_args(overrides: list[str]) -> list[str]:
     """-S k=v pairs for the CLI."""
     return [a for o in overrides for a in ("-S", o)]
+
+
+def eval_clip_checkpoint(path: Path, seed: int = 12345) -> Path:
+    """A fixed galip-tiny CLIP saved as a checkpoint file, for eval.eval_clip_pretrained: the metrics of an
+    evaluation CLIP with random weights ('') are not computed, a checkpoint's are."""
+    import open_clip
+    import torch
+
+    from galip.model.clip import register_project_model_configs
+
+    if not path.is_file():
+        register_project_model_configs()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = open_clip.create_model("galip-tiny").state_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    return path

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import TELEMETRY_OFF, venv_bin
 
-from galip.config import SECTIONS, Config, flatten, load_config, write_profile
+from galip.config import SECTIONS, flatten, load_config, write_profile
 from galip.pipeline import STAGES, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,18 @@ def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experimen
     check_reads_are_declared(stage_reads(reads_log))
 
     metrics = json.loads((tiny_project / "runs/demo/eval/metrics.json").read_text())
-    assert {"prompt_fidelity", "r_precision", "fd_clip"} <= set(metrics)
+    assert {"prompt_fidelity", "prompt_fidelity_held_in_attr_mean", "prompt_fidelity_held_out_all_attrs", "clip_score_train"} <= set(metrics)
+    # the demo's evaluation CLIP has random weights: nothing computed from it is reported
+    assert not {"r_precision", "fd_clip", "clip_score_eval", "clip_cosine_eval"} & set(metrics)
+    clip_report = json.loads((tiny_project / "runs/demo/clip/report.json").read_text())
+    assert 0 <= clip_report["separation"]["held_out"]["image_text"]["position"] <= 100
+    # a one-epoch CLIP separates little: the stage trains again with the next seed and keeps the better run
+    tries = clip_report["attempts"]
+    assert [t["seed"] for t in tries] == [0, 1][: len(tries)]
+    assert len(tries) == 2 or tries[0]["held_in_image_text"]["min"] >= 75
+    assert clip_report["seed"] in (0, 1) and clip_report["separation"]["held_in"]["image_text"]["min"] == max(
+        t["held_in_image_text"]["min"] for t in tries)
+    assert sorted(p.name for p in (tiny_project / "runs/demo/clip").iterdir()) == ["galip-tiny.pt", "open_clip_train.log", "report.json"]
     lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
     assert lock["train"]["params"]["params.yaml"]["train"]["max_steps"] == 6
     manifest_out = {o["path"]: o for o in lock["download"]["outs"]}["data/demo/manifest.json"]

@@ -20,16 +20,23 @@ from galip.eval.evaluate import load_eval_generator, run
 from galip.eval.metrics.fid import INCEPTION_FILE, INCEPTION_URL
 from galip.train.trainer import Trainer
 
-from helpers import write_shards
+from helpers import eval_clip_checkpoint, write_shards
 
 TESTS = Path(__file__).parent
 CORE_KEYS = {"fd_clip", "clip_score_train", "clip_score_eval", "clip_cosine_train", "clip_cosine_eval", "r_precision"}
+
+
+def eval_clip_file(shards: Path) -> Path:
+    """A fixed evaluation CLIP checkpoint beside the shards (the `shards` fixture writes it): metrics from a
+    CLIP with random weights are not computed, a checkpoint file's are."""
+    return shards.parent / "eval_clip.pt"
 
 
 def overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:
     """The demo profile shrunk to seconds; evaluation of 16 samples on CPU."""
     return [
         f"data.shards_dir={shards}",
+        f"eval.eval_clip_pretrained={eval_clip_file(shards)}",
         f"train.out_dir={tmp / 'run'}",
         "model.ngf=8",
         "model.ndf=8",
@@ -54,7 +61,9 @@ def cli_args(opts: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), n_samples=40, per_shard=10)
+    out = write_shards(tmp_path_factory.mktemp("data") / "shards", n_samples=40, per_shard=10)
+    eval_clip_checkpoint(eval_clip_file(out))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +93,7 @@ def test_cli_writes_metrics_and_grid_and_reuses_reference_stats(trained, shards,
 
     p = saved["protocol"]
     assert p["checkpoint"] == str(ckpt) and p["step"] == 0 and p["n_samples"] == 16 and p["resolution"] == 64
-    assert p["train_clip"].startswith("galip-tiny/random init") and "eval_clip_seed" in p["eval_clip"]
+    assert p["train_clip"].startswith("galip-tiny/random init") and p["eval_clip"] == f"galip-tiny/{eval_clip_file(shards)}"
     fd = p["metrics"]["fd_clip"]
     assert fd["generated_images"] == 16 and fd["reference_images"] == 16 and fd["cache_hit"] is False
     assert fd["reference_set"]["shards"] == 4 and "galip-tiny" in fd["feature_extractor"]
@@ -102,6 +111,23 @@ def test_cli_writes_metrics_and_grid_and_reuses_reference_stats(trained, shards,
     assert main(cli_args(opts + ["eval.ref_samples=12"])) == 0
     third = json.loads((out / "metrics.json").read_text())["protocol"]["metrics"]["fd_clip"]
     assert third["cache_hit"] is False and third["reference_images"] == 12
+
+
+def test_a_random_evaluation_clip_gives_no_numbers(trained, shards, caplog):
+    """fd_clip, r_precision and the *_eval CLIP scores from a network with random weights would look like
+    results and mean nothing: they are left out, and one log line says so."""
+    tmp, _, ckpt, _ = trained
+    opts = overrides(tmp, shards, "eval.eval_clip_pretrained=", "eval.metrics=[fd_clip, clip_score, r_precision, prompt_fidelity]",
+                     "eval.prompt_source=demo")
+    with caplog.at_level("WARNING", logger="galip.evaluate"):
+        result = run(load_config("params.yaml", opts, profile="demo"), ckpt)
+    saved = json.loads((tmp / "run" / "eval" / "metrics.json").read_text())
+    assert saved == result
+    assert {"clip_score_train", "clip_cosine_train", "prompt_fidelity"} <= set(saved)
+    assert not {k for k in saved if k.endswith("_eval")} and "fd_clip" not in saved and "r_precision" not in saved
+    assert saved["protocol"]["metrics"]["clip_score"]["eval_clip"] == "not used: random weights"
+    lines = [r.getMessage() for r in caplog.records if "not computed" in r.getMessage()]
+    assert len(lines) == 1 and "clip_score_eval, clip_cosine_eval" in lines[0] and "eval.eval_clip_pretrained" in lines[0]
 
 
 def test_numbers_do_not_depend_on_batch_size(trained, shards):

@@ -153,7 +153,11 @@ def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fai
     assert {"data-report", "metrics", "mlflow-run", "sample-grid", "training-samples", "gate"} <= set(artifacts)
     for key in ("sample-grid", "training-samples"):
         assert "](data:image/jpeg;base64," in artifacts[key].data, f"{key}: the image itself is in the artifact"
-    assert f"]({server['env']['GALIP_MLFLOW_UI_URL']}/#/experiments/" in artifacts["mlflow-run"].data, "the MLflow UI's real address"
+    mlflow_ui = server["env"]["GALIP_MLFLOW_UI_URL"]
+    assert f"]({mlflow_ui}/#/experiments/" in artifacts["mlflow-run"].data, "the MLflow UI's real address"
+    # links open MLflow's model-training pages (not GenAI's), the full-size grid in the run's artifact view (not a download)
+    assert re.search(rf"\]\({re.escape(mlflow_ui)}/#/experiments/\d+/runs/\w+/artifactPath/eval/samples\.png\?workflowType=machine_learning\)",
+                     artifacts["sample-grid"].data), artifacts["sample-grid"].data[-400:]
 
     client = MlflowClient(f"sqlite:///{tiny_project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("galip", "champion")
@@ -162,14 +166,21 @@ def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fai
     # Rule and decision in the version's description (rendered as markdown by the MLflow UI) and in Prefect.
     assert "`prompt_fidelity` is at least 0 (`mlflow.gate_bar`)" in version.description
     # what a 6-step model scores varies with the recipe; the decision states it, whatever it is
-    assert re.search(r"\*\*Decision\*\*: v1 prompt_fidelity=[0-9.]+ meets the bar \(at least 0\) and there is no champion yet",
-                     version.description), version.description
+    assert re.match(r"Gate decision: v1 prompt_fidelity=[0-9.]+ meets the bar \(at least 0\) and there is no champion yet.*\.\n",
+                    version.description), version.description
+    assert "**How prompt_fidelity is made**: `prompt_fidelity = 0.5 * prompt_fidelity_held_in_attr_mean" in artifacts["gate"].data
     assert version.tags["gate_decision"] in artifacts["gate"].data and flow_run.state.name == "Completed"
     mlrun = client.get_run(version.run_id)
     # one name per metric: metrics.json's `prompt_fidelity` is the run's metric; in-training estimates are train_eval/
     assert "prompt_fidelity" in mlrun.data.metrics and "train_eval/prompt_fidelity" in mlrun.data.metrics and "loss_g" in mlrun.data.metrics
     assert len(client.get_metric_history(mlrun.info.run_id, "loss_g")) == 6, "per-step losses from the torchrun trainer"
     assert mlrun.data.tags["galip.stages"] == "download,clip,train,evaluate,register", "each stage wrote its record"
+    # every metric says what it measures; none comes from the demo's random evaluation CLIP
+    assert {"prompt_fidelity_held_in_attr_mean", "prompt_fidelity_held_out_all_attrs", "clip_score_train"} <= set(mlrun.data.metrics)
+    assert not [k for k in mlrun.data.metrics if k.endswith(("_eval", "fd_clip", "r_precision"))], sorted(mlrun.data.metrics)
+    assert "\x1b[A" not in log, "no cursor moves of progress bars in the run log"
+    kind = client.get_experiment(mlrun.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development", "the experiment opens as model training"
     check_mlflow_run(mlrun, client, flow_run, server)
 
     # The flow went through DVC: dvc.lock agrees with what it produced.
@@ -178,11 +189,14 @@ def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fai
 
     check_killed_run_leaves_nothing(tiny_project, server, client)
 
-    # Production deployment on this machine: fails in its preflight within seconds, naming what is missing.
-    assert subprocess.run([venv_bin("python"), "-m", "flows.deploy_local", "galip-local"], cwd=tiny_project, env=server["env"], capture_output=True, check=False).returncode == 0
+    # Production deployment on this machine, as `make ui` deploys it beside its server and worker: fails in its
+    # preflight within seconds, naming what is missing, in the terminal and in the run's state.
+    deployed = local_script(server["script_env"], "deploy_local_cc12m", cwd=tiny_project)
+    assert deployed.returncode == 0, deployed.stderr
     t0 = time.monotonic()
     failed = prefect(tiny_project, server, "deployment", "run", "galip-train/cc12m", "--watch", "--watch-interval", "1", timeout=180)
     assert failed.returncode == 1 and time.monotonic() - t0 < 120
+    assert "Failed" in failed.stdout + failed.stderr, failed.stdout[-2000:]
     cc12m = latest_flow_run("cc12m")
     assert cc12m.state.name == "Failed"
     for needle in ("GPUs", "CLIP weights", "data.url_list"):

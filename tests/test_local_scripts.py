@@ -56,3 +56,19 @@ def test_flow_parameters_reject_a_gate_metric_evaluation_does_not_report():
     with pytest.raises(ValidationError, match="mlflow.gate_metric: 'fid' is not reported by eval.metrics"):
         GalipTrainParams(profile="demo", overrides=["mlflow.gate_metric=fid"])
     GalipTrainParams(profile="demo", overrides=["mlflow.gate_metric=fid"], register_model=False)
+
+
+def test_stage_output_reaches_the_run_log_without_terminal_control_codes():
+    """Two stacked tqdm bars (a reference-statistics bar inside the training bar) move the cursor with ESC[A."""
+    from flows.galip_train import stream_process
+
+    script = (
+        "import sys\nfrom tqdm import tqdm\n"
+        "outer = tqdm(total=2, desc='train', file=sys.stdout)\n"
+        "for _ in tqdm(range(3), desc='fd_clip reference', file=sys.stdout): pass\n"
+        "outer.update(2); outer.close(); print('\\x1b[1;33mdone\\x1b[0m')\n"
+    )
+    lines: list[str] = []
+    stream_process([sys.executable, "-c", script], {"PATH": "/usr/bin:/bin"}, lines.append)
+    assert lines and not [line for line in lines if "\x1b" in line], lines
+    assert lines[-1] == "done" and any(line.startswith("fd_clip reference: 100%") for line in lines), lines

@@ -258,7 +258,7 @@ def test_unstated_attributes_are_not_scored():
 def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low():
     """The split bookkeeping on a perfect 'generator' (the renderer itself) and on noise."""
     from galip.data import demo_data
-    from galip.eval.metrics.prompt_fidelity import checked_decoder, result_keys, score_images, summary_score
+    from galip.eval.metrics.prompt_fidelity import ATTRIBUTES, checked_decoder, result_keys, score_images, scored_keys, summary_score
 
     decoder, _ = checked_decoder(64)
     prompts = demo_data.demo_prompts(seed=2, n=60)
@@ -266,7 +266,13 @@ def test_prompt_fidelity_splits_score_rendered_scenes_near_perfect_and_noise_low
     rendered = np.stack([np.asarray(demo_data.render_scene(a, 64, rng).convert("RGB")) for _, a in prompts])
     for images, low, high in ((rendered, 90, 100), (rng.integers(0, 256, rendered.shape, dtype=np.uint8), 0, 40)):
         scores = score_images(decoder, images, [a for _, a in prompts])
-        assert set(scores) == set(result_keys()[1:])
-        assert len(scores["prompt_fidelity_held_in"]) == len(scores["prompt_fidelity_held_out"]) == 30
+        assert set(scores) == set(scored_keys())
+        assert len(scores["prompt_fidelity_held_in_all_attrs"]) == len(scores["prompt_fidelity_held_out_all_attrs"]) == 30
         means = {k: float(np.mean(v)) for k, v in scores.items()}
         assert low <= summary_score(means) <= high, means
+        # the headline is half the held-in attribute mean plus half the held-out all-attributes share
+        held_in_attr_mean = sum(means[f"prompt_fidelity_held_in_{a}"] for a in ATTRIBUTES) / len(ATTRIBUTES)
+        assert summary_score(means) == pytest.approx(0.5 * held_in_attr_mean + 0.5 * means["prompt_fidelity_held_out_all_attrs"])
+    # every reported name says what it measures: split, then all_attrs, attr_mean or the attribute
+    assert result_keys()[:3] == ["prompt_fidelity", "prompt_fidelity_held_in_attr_mean", "prompt_fidelity_held_out_attr_mean"]
+    assert all(k.split("_", 4)[-1] in ("all_attrs", "attr_mean", *ATTRIBUTES) for k in result_keys()[1:]), result_keys()

@@ -162,3 +162,11 @@ def test_summary_cli_prints_one_json_object(capsys):
     assert main(["summary", "--clip", "galip-tiny", "--image-size", "64"]) == 0
     tiny = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert tiny["clip_grid"] == 8 and tiny["netG"] < out["netG"]
+
+
+def test_a_clip_without_pretrained_weights_says_so_in_one_line_of_ours(caplog):
+    with caplog.at_level("INFO"):
+        load_clip("galip-tiny", "")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith("No pretrained weights loaded")], "open_clip's warning is replaced"
+    assert [r.getMessage() for r in caplog.records if r.name == "galip.clip"] == ["CLIP galip-tiny: random weights, as asked (no pretrained weights given)"]

@@ -73,7 +73,11 @@ def test_gate_needs_the_bar_and_writes_rule_and_decision_rounded_into_the_descri
     version = tracking.get_model_version(name, "1")
     assert version.tags["prompt_fidelity"] == "1.4" and version.tags["gate_decision"] == low["reason"]
     assert "**Gate rule**: `champion` moves to a new version when its `prompt_fidelity` is at least 1.5 (`mlflow.gate_bar`)" in version.description
-    assert f"**Decision**: {low['reason']}." in version.description and "prompt_fidelity 1.4," in version.description
+    # the registered-models list shows the first line as it is: plain text, no markdown
+    assert version.description.splitlines()[0] == f"Gate decision: {low['reason']}."
+    assert "prompt_fidelity 1.4," in version.description
+    assert ("**How prompt_fidelity is made**: `prompt_fidelity = 0.5 * prompt_fidelity_held_in_attr_mean + "
+            "0.5 * prompt_fidelity_held_out_all_attrs`") in version.description
     high = register_candidate(cfg, tiny_checkpoint, 2.0, tmp_path)
     assert high["promoted"] and "meets the bar (at least 1.5) and there is no champion yet: v2 becomes champion" in high["reason"]
     assert tracking.get_model_version_by_alias(name, "champion").version == "2"

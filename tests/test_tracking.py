@@ -17,7 +17,7 @@ from galip.cli import main
 from galip.config import load_config
 from galip.train.trainer import run
 
-from helpers import tiny_config, write_shards
+from helpers import eval_clip_checkpoint, tiny_config, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,8 @@ def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking,
     run_id = client.create_run(client.create_experiment("names", artifact_location=str(tmp_path / "artifacts"))).info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
-    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]", f"eval.out_dir={tmp_path / 'eval'}"))
+    run(tiny_config(tmp_path, shards, "train.max_steps=2", "train.eval_every=2", "train.eval_samples=8", "train.eval_metrics=[fd_clip]",
+                    f"eval.out_dir={tmp_path / 'eval'}", f"eval.eval_clip_pretrained={eval_clip_checkpoint(tmp_path / 'eval_clip.pt')}"))
     metrics = client.get_run(run_id).data.metrics
     assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
     assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]
@@ -149,3 +150,25 @@ def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoin
     client.set_model_version_tag(name, version, "gate.prompt_fidelity", "2")
     decision = gate(cfg, "2", 1.5)
     assert not decision.promoted and "does not beat champion v1 (2)" in decision.reason
+
+
+def test_experiments_open_as_model_training_and_keep_a_kind_set_by_hand(tmp_path):
+    """MLflow 3 opens an experiment without a kind as GenAI; ours are marked as model training once."""
+    import mlflow
+
+    from galip.ops.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    new = ensure_experiment("fresh", uri)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    assert ensure_experiment("fresh", uri) == new
+    # an experiment made before this rule (or by plain mlflow) gets the kind on its next run
+    old = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert ensure_experiment("made-elsewhere", uri) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # a kind someone chose in the UI stays
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
+    ensure_experiment("made-elsewhere", uri)
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"

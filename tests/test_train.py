@@ -13,7 +13,7 @@ from galip.cli import main
 from galip.train.trainer import NonFiniteLossError, run
 
 from helpers import assert_bitwise_equal as _assert_bitwise_equal
-from helpers import tiny_config, write_shards
+from helpers import eval_clip_checkpoint, tiny_config, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,7 @@ def test_evaluation_during_training_keeps_and_picks_the_best_checkpoint(tmp_path
         tmp_path, shards, "train.max_steps=6", "train.eval_every=2", "train.eval_samples=16",
         "train.eval_metrics=[fd_clip, prompt_fidelity]", "train.keep_checkpoints=1",
         "mlflow.gate_metric=fd_clip", "mlflow.gate_direction=lower",
+        f"eval.eval_clip_pretrained={eval_clip_checkpoint(tmp_path / 'eval_clip.pt')}",
     )
     result = run(cfg)
     with open(tmp_path / "run/eval_log.csv") as fh:

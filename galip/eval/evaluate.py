@@ -137,8 +137,10 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
         load_eval_clip=partial(load_eval_clip, e),
         prompt_attrs=attrs,
     )
+    from .metrics import without_random_eval_clip
+
     z = latents(e.n_samples, net_g.nz, e.seed)
-    results: dict[str, Any] = score(net_g, ctx, e.metrics, z, e.batch_size, progress=True)
+    results: dict[str, Any] = score(net_g, ctx, without_random_eval_clip(e.metrics, cfg, log), z, e.batch_size, progress=True)
     best = best_checkpoint(cfg)
     results["protocol"] = {
         "checkpoint": str(path),
@@ -151,7 +153,7 @@ def _run(cfg: Config, env: DistEnv, checkpoint: str | Path | None) -> dict[str, 
         "seed": e.seed,
         "world_size": env.world_size,
         "train_clip": _clip_name(ckpt_cfg.model.clip_model, ckpt_cfg.model.clip_pretrained, f"train.seed={ckpt_cfg.train.seed}"),
-        "eval_clip": _clip_name(e.eval_clip_model, e.eval_clip_pretrained, f"eval.eval_clip_seed={e.eval_clip_seed}"),
+        "eval_clip": _clip_name(e.eval_clip_model, e.eval_clip_pretrained, f"eval.eval_clip_seed={e.eval_clip_seed}; its metrics not computed"),
         "metrics": ctx.protocol,
     }
     if env.is_main:
@@ -173,6 +175,8 @@ def score(net_g: NetG, ctx: Any, names: Sequence[str], z: torch.Tensor, batch_si
     from .metrics import SampleBatch, build_metrics
 
     env, captions, attrs = ctx.env, ctx.prompts, ctx.prompt_attrs
+    if not names:  # every metric asked for was left out (see without_random_eval_clip)
+        return {}
     metrics = build_metrics(names, ctx)
     mine = list(range(env.rank, len(captions), env.world_size))
     for start in tqdm(range(0, len(mine), batch_size), desc="evaluate", disable=not (progress and env.is_main), dynamic_ncols=True):
@@ -197,7 +201,7 @@ class TrainingEvaluator:
     """
 
     def __init__(self, cfg: Config, device: torch.device, train_clip: FrozenCLIP, nz: int) -> None:
-        from .metrics import EvalContext, check_metric_names
+        from .metrics import EvalContext, check_metric_names, without_random_eval_clip
         from .metrics.reference import ReferenceStats
 
         t = cfg.train
@@ -205,13 +209,13 @@ class TrainingEvaluator:
         small = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"n_samples": t.eval_samples, "ref_samples": t.eval_samples})})
         env = DistEnv(device=device)  # rank 0 alone: no collectives while the other ranks wait
         captions, attrs = eval_prompts(small)
-        eval_clip = load_eval_clip(cfg.eval).to(device)
-        self.names = t.eval_metrics
+        self.names = without_random_eval_clip(t.eval_metrics, cfg, log)
         self.z = latents(t.eval_samples, nz, cfg.eval.seed)
         self.batch_size = cfg.eval.batch_size
         self.ctx = EvalContext(
             cfg=small, env=env, train_clip=train_clip, prompts=captions, resolution=cfg.model.image_size,
-            reference_stats=ReferenceStats(small, env, cfg.model.image_size), load_eval_clip=lambda: eval_clip,
+            # loaded once, on first use (EvalContext.eval_clip), and only if a metric needs it
+            reference_stats=ReferenceStats(small, env, cfg.model.image_size), load_eval_clip=partial(load_eval_clip, cfg.eval),
             prompt_attrs=attrs,
         )
 

@@ -9,6 +9,7 @@ depth, embed dim) are read from the loaded model, so any open_clip ViT works.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger("galip.clip")
 
 # The reference's (1, 4, 8) feature blocks and 1..8 prompt blocks, for a 12-block ViT.
 _REF_DEPTH = 12
@@ -38,6 +41,23 @@ def register_project_model_configs() -> None:
         open_clip.add_model_config(path)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def without_random_init_warning():
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" (a root-logger warning) where
+    random weights are what was asked for."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _create_open_clip(name: str, pretrained: str) -> nn.Module:
     import open_clip
 
@@ -45,7 +65,12 @@ def _create_open_clip(name: str, pretrained: str) -> nn.Module:
     if name not in open_clip.list_models():
         raise ValueError(f"model.clip_model={name!r} is not an open_clip model name (see open_clip.list_models())")
     if not pretrained:
-        return open_clip.create_model(name, pretrained=None)
+        # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger; here that
+        # is what was asked for (the demo's CLIP before its own training, a seeded CLIP in tests): say it once, plainly.
+        with without_random_init_warning():
+            model = open_clip.create_model(name, pretrained=None)
+        log.info("CLIP %s: random weights, as asked (no pretrained weights given)", name)
+        return model
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if not Path(pretrained).is_file():
             raise ClipWeightsError(

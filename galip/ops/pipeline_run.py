@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 from ..config import Config, flatten, unrecorded
 from ..pipeline import STAGES
 from .redact import redact
+from .tracking import ensure_experiment
 
 log = logging.getLogger("galip.pipeline_run")
 RUN_FILE = "mlflow_run.json"
@@ -61,16 +62,6 @@ def client_for(cfg: Config):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri(cfg))
-
-
-def experiment_id(client: Any, name: str) -> str:
-    """The experiment's id, created when missing, marked as model training (MLflow 3's UI otherwise
-    opens an experiment without this tag in its GenAI view)."""
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    if not exp or exp.tags.get("mlflow.experimentKind") != "custom_model_development":
-        client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
-    return exp_id
 
 
 def world_size(cfg: Config) -> int:
@@ -114,7 +105,7 @@ def open_run(cfg: Config, client: Any, run_name: str, tags: dict[str, str] | Non
         "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "galip.profile": cfg.profile,
         "mlflow.source.name": "galip pipeline (galip/pipeline.py)", "mlflow.source.type": "JOB", **(tags or {}),
     }  # fmt: skip
-    run = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=run_name, tags=all_tags)
+    run = client.create_run(ensure_experiment(cfg.mlflow.experiment, client.tracking_uri), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in run_params(cfg).items()]
     for i in range(0, len(params), 100):

@@ -253,17 +253,32 @@ def gate(cfg: Config, version: str, value: float | None) -> GateDecision:
 
 
 def describe(cfg: Config, decision: GateDecision, metrics: dict[str, Any], links: dict[str, str] | None = None) -> str:
-    """The model version's description (markdown in the MLflow UI): the gate rule, its decision, the metrics."""
+    """The model version's description (markdown in the MLflow UI): the decision as plain text first (the
+    registered-models list shows that line raw), then the gate rule, how the gate metric is made, the metrics."""
     lines = [
-        f"**Gate rule**: {gate_rule(cfg)}.",
+        f"Gate decision: {decision.reason}.",
         "",
-        f"**Decision**: {decision.reason}.",
+        f"**Gate rule**: {gate_rule(cfg)}.",
+    ]
+    made = _how_made(cfg.mlflow.gate_metric)
+    if made:
+        lines += ["", f"**How {cfg.mlflow.gate_metric} is made**: `{made}` (each part is among the metrics below)."]
+    lines += [
         "",
         "**Metrics**: " + ", ".join(f"{k} {_num(float(v))}" for k, v in metrics.items() if isinstance(v, (int, float))),
     ]
     if links:
         lines += ["", " · ".join(f"[{text}]({url})" for text, url in links.items())]
     return "\n".join(lines)
+
+
+def _how_made(metric: str) -> str | None:
+    """The formula of a summary metric (prompt_fidelity), None for a metric measured directly."""
+    if metric != "prompt_fidelity":
+        return None
+    from ..eval.metrics.prompt_fidelity import HEADLINE
+
+    return HEADLINE
 
 
 def selection_text(selected_by: Any, checkpoint: str | None = None) -> str:
@@ -338,7 +353,9 @@ def register_from_files(cfg: Config, metrics_path: Path | None, checkpoint: Path
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     with _mlflow_step("log the metrics", cfg, run_id or "(new)"):
         if run_id is None:
-            mlflow.set_experiment(cfg.mlflow.experiment)
+            from .tracking import ensure_experiment
+
+            mlflow.set_experiment(experiment_id=ensure_experiment(cfg.mlflow.experiment, tracking_uri(cfg)))
             with mlflow.start_run() as run:
                 run_id = run.info.run_id
         mlflow.MlflowClient(tracking_uri(cfg)).log_batch(

@@ -36,6 +36,37 @@ STAGE_SECTIONS = {
 }
 
 
+# MLflow 3's UI shows an experiment either as GenAI work (traces, token costs) or as model training;
+# this experiment tag says which, with the UI's own value for model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's open-source UI takes the layout from its sidebar switch (GenAI / Machine learning,
+# GenAI until a user changes it) rather than from the tag; a link sets the switch with this query.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing, marked as model training unless a kind is set
+    (a kind chosen in the UI stays)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by a concurrent run
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+        else:
+            return experiment_id
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
     """``profile`` plus the sections ``stages`` read, as a nested dict (``log_params`` flattens it)."""
     tree = cfg.to_dict()

@@ -173,12 +173,16 @@ def _train_once(cfg: Config, shards: list[str], num_samples: int, seed: int, out
     """One open_clip_train run with ``seed``, its weights written to ``out``, then its separation measured."""
     from open_clip_train.main import main as open_clip_train_main
 
+    from ..model.clip import without_random_init_warning
+
     logs = Path(tempfile.mkdtemp(prefix=".open_clip_train-", dir=out.parent))
     name = f"{cfg.model.clip_model}-{int(time.time())}-seed{seed}"
     t0 = time.perf_counter()
-    log.info("training %s on %d samples from %d shards (%d epochs, seed %d)", cfg.model.clip_model, num_samples, len(shards), cfg.clip_pretrain.epochs, seed)
+    log.info("training %s from random weights on %d samples from %d shards (%d epochs, seed %d)",
+             cfg.model.clip_model, num_samples, len(shards), cfg.clip_pretrain.epochs, seed)  # fmt: skip
     try:
-        rc = open_clip_train_main(trainer_args(cfg, shards, num_samples, logs, name, seed))
+        with without_random_init_warning():  # a CLIP trained here starts from random weights by design
+            rc = open_clip_train_main(trainer_args(cfg, shards, num_samples, logs, name, seed))
         if rc not in (None, 0):
             raise ClipPretrainError(f"open_clip_train returned {rc}; see {logs / name / 'out.log'}")
         _write_state_dict(_final_checkpoint(logs, name, cfg.clip_pretrain.epochs), out)

@@ -3,7 +3,8 @@
 - ``_train``: the CLIP the generator was trained against, with the training pipeline's exact image
   preprocessing. The generator optimises this very cosine, so the score is inflated; the raw mean
   cosine (``clip_cosine_train``) is the number GALIP's paper reports.
-- ``_eval``: an independently configured evaluation CLIP (``eval.eval_clip_*``), the honest one.
+- ``_eval``: an independently configured evaluation CLIP (``eval.eval_clip_*``), the honest one;
+  not computed while that CLIP has random weights.
 
 Cosines come straight from open_clip embeddings: torchmetrics' CLIPScore only drives Hugging Face
 CLIP models and does not expose the raw cosine. Averaging (and the cross-rank reduction) is
@@ -31,27 +32,31 @@ def clip_score(cosines: torch.Tensor) -> torch.Tensor:
 
 class ClipScore:
     def __init__(self, ctx: EvalContext) -> None:
+        from . import eval_clip_is_random
+
         self.ctx = ctx
-        self.score = {w: MeanMetric().to(ctx.device) for w in ("train", "eval")}
-        self.cosine = {w: MeanMetric().to(ctx.device) for w in ("train", "eval")}
+        # A random evaluation CLIP scores nothing: its half is left out (see without_random_eval_clip).
+        self.which = ("train",) if eval_clip_is_random(ctx.cfg) else ("train", "eval")
+        self.score = {w: MeanMetric().to(ctx.device) for w in self.which}
+        self.cosine = {w: MeanMetric().to(ctx.device) for w in self.which}
         e = ctx.cfg.eval
         ctx.protocol["clip_score"] = {
             "formula": "100 * max(cos, 0), mean over samples; clip_cosine_* = raw mean cosine",
             "train_clip_preprocess": "the training pipeline's own (model.pixel_norm)",
-            "eval_clip": f"{e.eval_clip_model}/{e.eval_clip_pretrained or f'random init, seed {e.eval_clip_seed}'}",
+            "eval_clip": f"{e.eval_clip_model}/{e.eval_clip_pretrained}" if "eval" in self.which else "not used: random weights",
         }
 
     def update(self, batch: SampleBatch) -> None:
-        train_img = image_embedding(self.ctx.train_clip, batch.uint8, antialias=False)
-        eval_img = self.ctx.eval_image_embedding(batch)
-        for which, clip, img in (("train", self.ctx.train_clip, train_img), ("eval", self.ctx.eval_clip, eval_img)):
+        for which in self.which:
+            clip = self.ctx.train_clip if which == "train" else self.ctx.eval_clip
+            img = image_embedding(clip, batch.uint8, antialias=False) if which == "train" else self.ctx.eval_image_embedding(batch)
             cos = clip_cosines(img, clip, batch.captions)
             self.cosine[which].update(cos)
             self.score[which].update(clip_score(cos))
 
     def compute(self) -> dict[str, float]:
         out = {}
-        for which in ("train", "eval"):
+        for which in self.which:
             out[f"clip_score_{which}"] = float(self.score[which].compute())
             out[f"clip_cosine_{which}"] = float(self.cosine[which].compute())
         return out

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TELEMETRY_OFF, local_script, make_tiny_project, venv_bin, write_random_inception_weights
+from helpers import write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,8 @@ def size_overrides(project: Path, endpoint: str, bucket: str) -> list[str]:
         "eval.n_samples=20", "eval.batch_size=10", "eval.grid_n=2", "eval.device=cpu", "eval.eval_clip_model=galip-tiny",
         f"eval.eval_clip_pretrained={stand_in_clip(weights / 'eval_clip.pt', 1)}",
         f"eval.inception_weights={write_random_inception_weights(weights / 'inception.pth')}",
+        # the zero-shot reference set (COCO val in production) is a local folder of shards
+        f"eval.ref_shards={write_shards(project / 'data/coco_val/shards', n_samples=20, per_shard=10)}",
         "flow.nproc_per_node=1", "flow.require_gpu=false",
     ]  # fmt: skip
 

@@ -75,6 +75,19 @@ def _data_problem(cfg: Config) -> str | None:
     )
 
 
+def _reference_problem(cfg: Config) -> str | None:
+    """FID/FD statistics need local reference shards: with the training shards on S3 that is eval.ref_shards."""
+    from ..eval.metrics.reference import reference_spec
+
+    spec, key = reference_spec(cfg)
+    if "://" not in spec or not ({"fid", "fd_clip"} & set(cfg.eval.metrics)):
+        return None
+    return (
+        f"evaluation: {key}={spec!r} is remote and reference statistics need local shards: set eval.ref_shards to a "
+        "local folder of the reference set (zero-shot FID: COCO val as webdataset shards; or `galip verify-data --to DIR`)"
+    )
+
+
 def missing_prerequisites(cfg: Config) -> list[str]:
     """Every missing prerequisite, as lines that say what to do; empty when the run can start."""
-    return [p for p in (_gpu_problem(cfg), _data_problem(cfg), _clip_problem(cfg)) if p]
+    return [p for p in (_gpu_problem(cfg), _data_problem(cfg), _clip_problem(cfg), _reference_problem(cfg)) if p]

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .errors import UserError
 from .ops.redact import RedactFilter
 
@@ -31,7 +31,9 @@ class _StderrHandler(logging.StreamHandler):
 
 class GalipGroup(TyperGroup):
     """Every command, whether started as ``galip`` or ``python -m galip``: warnings as one line each with
-    credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback."""
+    credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback.
+    This is the one place user mistakes are caught: every error a user can fix is a UserError subclass
+    (galip.errors), so no command keeps its own list of exception types."""
 
     def invoke(self, ctx):
         if not logging.getLogger().handlers:
@@ -66,12 +68,8 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved c
 
 
 def load_or_exit(params: Path, profile: str | None, overrides: list[str] | None, dry_run: bool = False) -> Config:
-    """Resolve the configuration; invalid input stops here, before any work, naming the key."""
-    try:
-        cfg = load_config(params, overrides or [], profile)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """Resolve the configuration; invalid input stops here (a ConfigError), before any work, naming the key."""
+    cfg = load_config(params, overrides or [], profile)
     if dry_run:
         typer.echo(cfg.to_yaml())
         raise typer.Exit(0)
@@ -195,14 +193,9 @@ def evaluate(
 ) -> None:
     """Score a checkpoint with eval.metrics; writes eval.out_dir/metrics.json and samples.png (torchrun-aware)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .eval.evaluate import USER_ERRORS, run
+    from .eval.evaluate import run
 
-    try:
-        result = run(cfg, checkpoint)
-    except USER_ERRORS as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(run(cfg, checkpoint)))
 
 
 @app.command("train-clip")
@@ -216,12 +209,7 @@ def train_clip(
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .train.clip_pretrain import run
 
-    try:
-        result = run(cfg)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(run(cfg)))
 
 
 @app.command("import-reference")
@@ -254,15 +242,8 @@ def export_reference(
 
 
 def _convert(call) -> None:
-    """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
-    from .model.clip import ClipWeightsError
-    from .train.reference_format import ReferenceFormatError
-
-    try:
-        result = call()
-    except (FileNotFoundError, FileExistsError, ReferenceFormatError, ClipWeightsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """A checkpoint conversion: notes on stderr, result JSON on stdout."""
+    result = call()
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
     typer.echo(json.dumps(result))
@@ -282,14 +263,9 @@ def register(
 ) -> None:
     """Log the generator as an MLflow pyfunc, register it (alias challenger) and apply the champion gate."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .ops.registry import RegistryError, register_from_files
+    from .ops.registry import register_from_files
 
-    try:
-        result = register_from_files(cfg, metrics, checkpoint, run_id)
-    except (FileNotFoundError, RegistryError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(json.dumps(result))
+    typer.echo(json.dumps(register_from_files(cfg, metrics, checkpoint, run_id)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -49,13 +51,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _folder(v: str) -> str:
+    # '' would be the current directory: a run would scatter its files among the user's own.
+    if not v.strip():
+        raise ValueError("must name a folder ('' would be the current directory)")
+    return v
+
+
+def _device(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return v
+
+
+Folder = Annotated[str, AfterValidator(_folder)]
+Device = Annotated[str, AfterValidator(_device)]
+# numpy's generators take 32-bit seeds; torch's overflow past 2**64.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class DataConfig(_Section):
     """Where training data comes from and how it becomes shards (galip.data.download, galip.data.loader)."""
 
     url_list: str = Field(description="URL+caption list (cc12m.tsv or parquet)")
     url_col: str
     caption_col: str
-    shards_dir: str
+    shards_dir: Folder
     shards: str = Field(description="webdataset shard spec (brace pattern, dir or s3://); '' = every tar in shards_dir")
     image_size: int = Field(gt=0, description="img2dataset output size (shorter side with keep_ratio)")
     resize_mode: Literal["center_crop", "border", "keep_ratio", "no"]
@@ -75,7 +96,7 @@ class DataConfig(_Section):
     s3_endpoint_url: str
     # demo source: > 0 generates that many procedural scenes (galip.data.demo_data) and serves them locally
     demo_images: NonNegativeInt
-    demo_seed: int
+    demo_seed: Seed
     demo_broken: bool = Field(description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
     max_skip_fraction: float = Field(
         gt=0, le=1, description="stop when more than this share of samples is unusable (after 100 samples)"
@@ -113,7 +134,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    out_dir: str
+    out_dir: Folder
     batch_size: int = Field(gt=0, description="per process, per step")
     grad_accum: PositiveInt
     max_steps: PositiveInt
@@ -131,8 +152,8 @@ class TrainConfig(_Section):
     tf32: bool = Field(description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
     cudnn_benchmark: bool = Field(description="CUDA: let cuDNN pick the fastest algorithm per shape")
     ema_decay: float = Field(ge=0, lt=1, description="EMA of G's weights for sampling/eval/registry; 0 = off")
-    device: str
-    seed: int
+    device: Device
+    seed: Seed
     log_every: PositiveInt
     ckpt_every: PositiveInt
     sample_every: PositiveInt
@@ -165,17 +186,17 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """galip.eval.evaluate: which metrics, on how many samples, against which reference set."""
 
-    out_dir: str
+    out_dir: Folder
     n_samples: PositiveInt
     batch_size: PositiveInt
     inception_weights: str = Field(description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
     eval_clip_model: str
     eval_clip_pretrained: str = Field(description="open_clip tag, local checkpoint path, or '' for random weights")
     # Random-weight eval CLIPs (demo) are seeded apart from training's so they are a different network.
-    eval_clip_seed: int
+    eval_clip_seed: Seed
     metrics: tuple[str, ...]
-    seed: int
-    device: str
+    seed: Seed
+    device: Device
     prompt_source: Literal["reference", "demo"] = Field(
         description="captions of the reference set, or the demo's procedural prompts (half held-in, half held-out pairs)"
     )
@@ -255,7 +276,7 @@ class ClipPretrainConfig(_Section):
     wd: float = Field(ge=0)
     warmup: int = Field(ge=0, description="warm-up steps")
     workers: NonNegativeInt
-    seed: int
+    seed: Seed
     attempts: PositiveInt = Field(description="train again with the next seed while an attribute stays unseparated (clip_probe.WEAK_SEPARATION)")
     report_path: str = Field(description="timing and per-attribute separation (galip.train.clip_probe)")
     separation_samples: PositiveInt = Field(description="rendered scenes per split for the separation measurement")
@@ -430,10 +451,14 @@ def load_config(path: str | Path = "params.yaml", overrides: Sequence[str] = (),
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    if not path.is_file():
+        raise ConfigError(f"--params {path} is not a file; pass the params.yaml file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"--params {path} is not a text file (not UTF-8); pass the params.yaml file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     return resolve(raw, overrides, profile)

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from .config import Config, load_config
 from .errors import UserError
-from .ops.redact import RedactFilter
+from .ops.redact import RedactFilter, redact_every_log_record
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -36,6 +36,7 @@ class GalipGroup(TyperGroup):
     (galip.errors), so no command keeps its own list of exception types."""
 
     def invoke(self, ctx):
+        redact_every_log_record()
         if not logging.getLogger().handlers:
             handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))

@@ -64,6 +64,7 @@ def _device(v: str) -> str:
     return v
 
 
+_SECRET_NAME = re.compile(r"(?i)secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|auth")
 Folder = Annotated[str, AfterValidator(_folder)]
 Device = Annotated[str, AfterValidator(_device)]
 # numpy's generators take 32-bit seeds; torch's overflow past 2**64.
@@ -253,6 +254,18 @@ class KubeConfig(_Section):
     ttl_seconds_after_finished: NonNegativeInt
     cluster_domain: str
     env: dict[str, str] = Field(description="extra container env (e.g. NCCL_SOCKET_IFNAME)")
+
+    @field_validator("env")
+    @classmethod
+    def _env_holds_no_secret(cls, v: dict[str, str]) -> dict[str, str]:
+        # The config is saved with every run and printed by --dry-run: secrets reach pods through a Secret.
+        secret = sorted(k for k in v if _SECRET_NAME.search(k))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} look(s) like a secret, and the config is saved with every run: put it in a "
+                "Kubernetes Secret (kube.s3_secret holds the AWS keys) instead of kube.env"
+            )
+        return v
 
     @field_validator("tolerations", mode="before")
     @classmethod

@@ -343,9 +343,31 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
         ("https://ghp_token@github.com/org/repo", "https://***@github.com/org/repo"),
         ("s3://b/k?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1", "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1"),
         ("sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x", "sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x"),
+        ("API request to http://user:Zq%40Pw9%2Fx@mlflow:5000/api failed", "API request to http://user:***@mlflow:5000/api failed"),
+        # a URI percent-encoded inside another (a login redirect): the encoded password, "@" encoded again in it
+        ("/login?next=http%3A%2F%2Fuser%3AZq%2540Pw%40mlflow%2Fx", "/login?next=http%3A%2F%2Fuser%3A***%40mlflow%2Fx"),
+        ("?next=https%3A%2F%2Fghp_tok%40github.com", "?next=https%3A%2F%2F***%40github.com"),
+        ("?u=http%3A%2F%2Fmlflow%3A5000%2Fx", "?u=http%3A%2F%2Fmlflow%3A5000%2Fx"),
     ],
 )
 def test_redact_masks_credentials_in_uris(text, shown):
     from galip.ops.redact import redact
 
     assert redact(text) == shown
+
+
+def test_log_records_are_redacted_also_behind_a_library_s_own_handler(capsys):
+    """MLflow logs through its own handler (not the CLI's): its system-metrics monitor printed the
+    tracking URI's password in "Failed to get mlflow run: API request to http://user:...@host"."""
+    import io
+
+    stream = io.StringIO()
+    logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        assert main(["config", "--profile", "demo"]) == 0  # any command: the CLI installs the redaction
+        logger.warning("Failed to get mlflow run: API request to http://user:Zq%40Pw9@127.0.0.1:9/api failed.")  # as MLflow: no args
+    finally:
+        logger.removeHandler(handler)
+    assert "Zq" not in stream.getvalue() and "http://user:***@127.0.0.1:9/api" in stream.getvalue()

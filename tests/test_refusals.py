@@ -152,3 +152,13 @@ def test_unreadable_checkpoints_resume_falls_back_and_all_unreadable_stops(tmp_p
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert "none of the 3 checkpoint(s)" in line and "is readable" in line
     assert _tree(tmp_path / "run") == before
+
+
+def test_a_secret_in_kube_env_is_refused_without_echoing_it(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["config", "--profile", "demo", "-S", "kube.env={HF_TOKEN: hf_Zq9PwSecretValue, NCCL_SOCKET_IFNAME: eth0}"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "kube.env" in line and "HF_TOKEN" in line and "Secret" in line
+    assert "Zq9Pw" not in out + err
+    assert main(["config", "--profile", "demo", "-S", "kube.env={NCCL_SOCKET_IFNAME: eth0}"]) == 0

@@ -51,7 +51,7 @@ from galip.config import Config, ConfigError, load_config, load_tree
 from galip.ops.kube import runs_as_job, train_job
 from galip.ops.pipeline_run import open_run, tracking_uri
 from galip.pipeline import STAGES, stage_command
-from galip.ops.redact import RedactFilter, redact
+from galip.ops.redact import RedactFilter, redact, redact_every_log_record
 
 ROOT = Path.cwd()
 TELEMETRY_OFF = {
@@ -78,6 +78,7 @@ class StageFailed(RuntimeError):
 # stage output lines in stream_process; exception messages (a failed run's state) by redacted_errors.
 for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
     logging.getLogger(_run_logger).addFilter(RedactFilter())
+redact_every_log_record()  # also the records of libraries with their own handlers (MLflow's)
 
 
 class RedactedError(RuntimeError):

@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .errors import UserError
-from .ops.redact import RedactFilter
+from .ops.redact import RedactFilter, redact_every_log_record
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -32,9 +32,12 @@ class _StderrHandler(logging.StreamHandler):
 
 class GalipGroup(TyperGroup):
     """Every command, whether started as ``galip`` or ``python -m galip``: warnings as one line each with
-    credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback."""
+    credentials redacted, and a UserError as one ``error:`` line with exit code 2 instead of a traceback.
+    This is the one place user mistakes are caught: every error a user can fix is a UserError subclass
+    (galip.errors), so no command keeps its own list of exception types."""
 
     def invoke(self, ctx):
+        redact_every_log_record()
         if not logging.getLogger().handlers:
             handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -89,12 +92,8 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved c
 
 
 def load_or_exit(params: Path, profile: str | None, overrides: list[str] | None, dry_run: bool = False) -> Config:
-    """Resolve the configuration; invalid input stops here, before any work, naming the key."""
-    try:
-        cfg = load_config(params, overrides or [], profile)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """Resolve the configuration; invalid input stops here (a ConfigError), before any work, naming the key."""
+    cfg = load_config(params, overrides or [], profile)
     if dry_run:
         typer.echo(cfg.to_yaml())
         raise typer.Exit(0)
@@ -121,17 +120,13 @@ def profile(
     """Write a profile's values to params.yaml (what every stage and `dvc repro` read), or --diff it."""
     from .config import preset_names, profile_diff, write_profile
 
-    try:
-        if diff or name is None:
-            current, changes = profile_diff(params)
-            typer.echo(f"{params}: profile {current}, {len(changes)} value(s) differ from profiles/{current}.yaml")
-            for line in changes:
-                typer.echo(f"  {line}")
-            raise typer.Exit(1 if diff and changes else 0)
-        cfg = write_profile(name, params, set_ or [])
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    if diff or name is None:
+        current, changes = profile_diff(params)
+        typer.echo(f"{params}: profile {current}, {len(changes)} value(s) differ from profiles/{current}.yaml")
+        for line in changes:
+            typer.echo(f"  {line}")
+        raise typer.Exit(1 if diff and changes else 0)
+    cfg = write_profile(name, params, set_ or [])
     typer.echo(f"{params}: profile {cfg.profile} (presets: {', '.join(preset_names(params))})")
 
 
@@ -288,15 +283,11 @@ def evaluate(
 ) -> None:
     """Score a checkpoint with eval.metrics; writes eval.out_dir/metrics.json and samples.png (torchrun-aware)."""
     cfg = load_or_exit(params, profile, set_, dry_run)
-    from .eval.evaluate import USER_ERRORS, run
+    from .eval.evaluate import run
     from .ops.pipeline_run import stage_run
 
-    try:
-        with stage_run(cfg, "evaluate"):
-            result = run(cfg, checkpoint)
-    except USER_ERRORS as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    with stage_run(cfg, "evaluate"):
+        result = run(cfg, checkpoint)
     typer.echo(json.dumps(result))
 
 
@@ -312,12 +303,8 @@ def train_clip(
     from .ops.pipeline_run import stage_run
     from .train.clip_pretrain import run
 
-    try:
-        with stage_run(cfg, "clip"):
-            result = run(cfg)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    with stage_run(cfg, "clip"):
+        result = run(cfg)
     typer.echo(json.dumps(result))
 
 
@@ -351,15 +338,8 @@ def export_reference(
 
 
 def _convert(call) -> None:
-    """A checkpoint conversion: a wrong input is one `error:` line (exit 2); notes on stderr, result JSON on stdout."""
-    from .model.clip import ClipWeightsError
-    from .train.reference_format import ReferenceFormatError
-
-    try:
-        result = call()
-    except (FileNotFoundError, FileExistsError, ReferenceFormatError, ClipWeightsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    """A checkpoint conversion: notes on stderr, result JSON on stdout."""
+    result = call()
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
     typer.echo(json.dumps(result))
@@ -382,18 +362,14 @@ def register(
     cfg = load_or_exit(params, profile, set_, dry_run)
     from .eval.evaluate import write_json_atomic
     from .ops.pipeline_run import stage_run
-    from .ops.registry import RegistryError, register_from_files
+    from .ops.registry import register_from_files
 
     default = Path(cfg.eval.out_dir) / "metrics.json"
     metrics = metrics or (default if default.is_file() else None)
     if run_id:
         os.environ["MLFLOW_RUN_ID"] = run_id
-    try:
-        with stage_run(cfg, "register") as pipeline_run_id:
-            result = register_from_files(cfg, metrics, checkpoint, pipeline_run_id)
-    except (FileNotFoundError, RegistryError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    with stage_run(cfg, "register") as pipeline_run_id:
+        result = register_from_files(cfg, metrics, checkpoint, pipeline_run_id)
     write_json_atomic(Path(cfg.eval.out_dir) / "registered.json", result)
     typer.echo(json.dumps(result))
 

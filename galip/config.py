@@ -21,11 +21,13 @@ import contextlib
 import copy
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -54,13 +56,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _folder(v: str) -> str:
+    # '' would be the current directory: a run would scatter its files among the user's own.
+    if not v.strip():
+        raise ValueError("must name a folder ('' would be the current directory)")
+    return v
+
+
+def _device(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return v
+
+
+_SECRET_NAME = re.compile(r"(?i)secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|auth")
+Folder = Annotated[str, AfterValidator(_folder)]
+Device = Annotated[str, AfterValidator(_device)]
+# numpy's generators take 32-bit seeds; torch's overflow past 2**64.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class DataConfig(_Section):
     """Where training data comes from and how it becomes shards (galip.data.download, galip.data.loader)."""
 
     url_list: str = Field(description="URL+caption list (cc12m.tsv or parquet)")
     url_col: str
     caption_col: str
-    shards_dir: str
+    shards_dir: Folder
     shards: str = Field(description="webdataset shard spec (brace pattern, dir or s3://); '' = the shards data.manifest lists")
     manifest: str = Field(description="the shard manifest galip download writes (a local file: the data version DVC tracks)")
     report: str = Field(description="the data report galip download writes (local JSON)")
@@ -82,7 +104,7 @@ class DataConfig(_Section):
     s3_endpoint_url: str
     # demo source: > 0 generates that many procedural scenes (galip.data.demo_data) and serves them locally
     demo_images: NonNegativeInt
-    demo_seed: int
+    demo_seed: Seed
     demo_broken: bool = Field(description="add one entry of each broken kind (404, HTML, truncated, empty, refused)")
     max_skip_fraction: float = Field(
         gt=0, le=1, description="stop when more than this share of samples is unusable (after 100 samples)"
@@ -120,7 +142,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    out_dir: str
+    out_dir: Folder
     batch_size: int = Field(gt=0, description="per process, per step")
     grad_accum: PositiveInt
     max_steps: PositiveInt
@@ -138,8 +160,8 @@ class TrainConfig(_Section):
     tf32: bool = Field(description="CUDA: TF32 tensor cores for fp32 matmuls/convolutions")
     cudnn_benchmark: bool = Field(description="CUDA: let cuDNN pick the fastest algorithm per shape")
     ema_decay: float = Field(ge=0, lt=1, description="EMA of G's weights for sampling/eval/registry; 0 = off")
-    device: str
-    seed: int
+    device: Device
+    seed: Seed
     log_every: PositiveInt
     ckpt_every: PositiveInt
     sample_every: PositiveInt
@@ -172,17 +194,17 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """galip.eval.evaluate: which metrics, on how many samples, against which reference set."""
 
-    out_dir: str
+    out_dir: Folder
     n_samples: PositiveInt
     batch_size: PositiveInt
     inception_weights: str = Field(description="path to weights-inception-2015-12-05-6726825d.pth; '' = torch hub cache")
     eval_clip_model: str
     eval_clip_pretrained: str = Field(description="open_clip tag, local checkpoint path, or '' for random weights")
     # Random-weight eval CLIPs (demo) are seeded apart from training's so they are a different network.
-    eval_clip_seed: int
+    eval_clip_seed: Seed
     metrics: tuple[str, ...]
-    seed: int
-    device: str
+    seed: Seed
+    device: Device
     prompt_source: Literal["reference", "demo"] = Field(
         description="captions of the reference set, or the demo's procedural prompts (half held-in, half held-out pairs)"
     )
@@ -240,6 +262,18 @@ class KubeConfig(_Section):
     cluster_domain: str
     env: dict[str, str] = Field(description="extra container env (e.g. NCCL_SOCKET_IFNAME)")
 
+    @field_validator("env")
+    @classmethod
+    def _env_holds_no_secret(cls, v: dict[str, str]) -> dict[str, str]:
+        # The config is saved with every run and printed by --dry-run: secrets reach pods through a Secret.
+        secret = sorted(k for k in v if _SECRET_NAME.search(k))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} look(s) like a secret, and the config is saved with every run: put it in a "
+                "Kubernetes Secret (kube.s3_secret holds the AWS keys) instead of kube.env"
+            )
+        return v
+
     @field_validator("tolerations", mode="before")
     @classmethod
     def _tolerations(cls, v: Any) -> Any:
@@ -262,7 +296,7 @@ class ClipPretrainConfig(_Section):
     wd: float = Field(ge=0)
     warmup: int = Field(ge=0, description="warm-up steps")
     workers: NonNegativeInt
-    seed: int
+    seed: Seed
     attempts: PositiveInt = Field(description="train again with the next seed while an attribute stays unseparated (clip_probe.WEAK_SEPARATION)")
     report_path: str = Field(description="timing and per-attribute separation (galip.train.clip_probe)")
     separation_samples: PositiveInt = Field(description="rendered scenes per split for the separation measurement")
@@ -434,11 +468,13 @@ def _read_tree(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
     if not path.is_file():
-        raise ConfigError(f"{path}: is a folder, not a params file (pass --params <file>.yaml)")
+        raise ConfigError(f"--params {path} is not a file; pass the params.yaml file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid YAML text file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--params {path} is not a text file (not UTF-8); pass the params.yaml file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     if "profiles" in raw:

@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or a fixable condition (a busy folder, an unreadable file, a changed recipe)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the command reads does not exist (or holds nothing usable yet)."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The command would overwrite something it must not."""

@@ -7,6 +7,7 @@ real `galip train` processes for the run lock, real truncated files, the CLI in-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -143,6 +144,49 @@ def test_second_train_into_the_same_out_dir_is_refused_and_a_killed_owner_does_n
         assert run(tiny_config(tmp_path, shards, "train.max_steps=1"))["step"] == 1
     assert any(f"pid {first.pid}" in r.getMessage() and "was killed" in r.getMessage() for r in caplog.records)
     assert lock.read_text() == "", "an orderly exit clears the owner line"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_the_lock_dies_with_a_killed_trainer_not_with_its_loader_workers(tmp_path, shards):
+    """kill -9 of the trainer (not its DataLoader workers, which live on for a few seconds): a resume
+    started at once is not refused; the workers never held the lock."""
+    import fcntl
+
+    overrides = tiny_overrides(tmp_path, shards, "data.workers=2", "train.max_steps=100000", "train.ckpt_every=1", "train.sample_every=100000")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "galip", "train", "--profile", "demo", *set_args(overrides)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(tmp_path / "run/checkpoints"):
+            assert trainer.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.2)
+        workers = _children(trainer.pid)
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        with open(tmp_path / "run/.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a worker holds it
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        assert alive, "the loader workers had already gone: this run did not test the case"
+        assert main(["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path, shards, "train.max_steps=1"))]) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
 
 
 # --- 5 and 9: truncated checkpoints, orphan temp files --------------------------------------------------------
@@ -299,9 +343,31 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
         ("https://ghp_token@github.com/org/repo", "https://***@github.com/org/repo"),
         ("s3://b/k?X-Amz-Credential=AKIA&X-Amz-Signature=abc&v=1", "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1"),
         ("sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x", "sqlite:////tmp/mlflow.db and http://127.0.0.1:5000/#/x"),
+        ("API request to http://user:Zq%40Pw9%2Fx@mlflow:5000/api failed", "API request to http://user:***@mlflow:5000/api failed"),
+        # a URI percent-encoded inside another (a login redirect): the encoded password, "@" encoded again in it
+        ("/login?next=http%3A%2F%2Fuser%3AZq%2540Pw%40mlflow%2Fx", "/login?next=http%3A%2F%2Fuser%3A***%40mlflow%2Fx"),
+        ("?next=https%3A%2F%2Fghp_tok%40github.com", "?next=https%3A%2F%2F***%40github.com"),
+        ("?u=http%3A%2F%2Fmlflow%3A5000%2Fx", "?u=http%3A%2F%2Fmlflow%3A5000%2Fx"),
     ],
 )
 def test_redact_masks_credentials_in_uris(text, shown):
     from galip.ops.redact import redact
 
     assert redact(text) == shown
+
+
+def test_log_records_are_redacted_also_behind_a_library_s_own_handler(capsys):
+    """MLflow logs through its own handler (not the CLI's): its system-metrics monitor printed the
+    tracking URI's password in "Failed to get mlflow run: API request to http://user:...@host"."""
+    import io
+
+    stream = io.StringIO()
+    logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        assert main(["config", "--profile", "demo"]) == 0  # any command: the CLI installs the redaction
+        logger.warning("Failed to get mlflow run: API request to http://user:Zq%40Pw9@127.0.0.1:9/api failed.")  # as MLflow: no args
+    finally:
+        logger.removeHandler(handler)
+    assert "Zq" not in stream.getvalue() and "http://user:***@127.0.0.1:9/api" in stream.getvalue()

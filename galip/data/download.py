@@ -71,6 +71,9 @@ def _tsv_rows(path: Path, stats: ListStats) -> Iterator[tuple[int, str, str]]:
                     f"data.url_list={path}: line {line_no} is not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
                     "re-encode the list as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
                 ) from None
+            if line_no == 1:
+                # Spreadsheet exports start with a byte-order mark; left in, it would become part of the first URL.
+                line = line.removeprefix("\ufeff")
             if not line:
                 continue
             fields = line.split("\t")
@@ -135,40 +138,45 @@ def prepare_url_list(data: DataConfig, out_dir: Path, base_url: str = "", refuse
 
     ``base_url`` resolves relative URLs (the demo list) against the local HTTP server. Absolute
     paths become file:// URLs; any other URL without a scheme is malformed (img2dataset would fail
-    on it silently: rc 0, empty shards).
+    on it silently: rc 0, empty shards). The list is read once to validate it before anything is
+    written (a list that is refused leaves no folder behind), then again to write the parts.
     """
+    src = check_url_list(data)
+    check = ListStats()
+    for _ in _resolved_rows(src, data, base_url, refused_url, check):
+        pass
+    if check.rows == 0:
+        raise UrlListError(
+            f"data.url_list={src} holds no usable row ({check.malformed} malformed"
+            f"{', lines ' + ', '.join(map(str, check.malformed_lines[:10])) if check.malformed_lines else ''}); "
+            "expected url<TAB>caption lines (or a parquet file with data.url_col/data.caption_col)"
+        )
+    stats = ListStats()
+    _write_parts(_resolved_rows(src, data, base_url, refused_url, stats), out_dir)
+    return stats
+
+
+def _resolved_rows(src: Path, data: DataConfig, base_url: str, refused_url: str, stats: ListStats) -> Iterator[tuple[str, str]]:
+    """(url, caption) rows img2dataset can fetch; malformed ones are counted in ``stats``."""
     from .demo_data import REFUSED_PREFIX
 
-    src = check_url_list(data)
-    stats = ListStats()
     if src.suffix == ".parquet":
         rows = _parquet_rows(src, data.url_col, data.caption_col, stats)
     else:
         rows = _tsv_rows(src, stats)
-
-    def resolve(it: Iterator[tuple[int, str, str]]) -> Iterator[tuple[str, str]]:
-        for line_no, url, caption in it:
-            if url.startswith(REFUSED_PREFIX):
-                url = f"{refused_url}/{url[len(REFUSED_PREFIX):]}"
-            elif "://" not in url:
-                if url.startswith("/"):
-                    url = f"file://{url}"
-                elif base_url:
-                    url = f"{base_url}/{url}"
-                else:
-                    stats.bad(line_no)
-                    continue
-            stats.rows += 1
-            yield url, caption
-
-    _write_parts(resolve(rows), out_dir)
-    if stats.rows == 0:
-        raise UrlListError(
-            f"data.url_list={src} holds no usable row ({stats.malformed} malformed"
-            f"{', lines ' + ', '.join(map(str, stats.malformed_lines[:10])) if stats.malformed_lines else ''}); "
-            "expected url<TAB>caption lines (or a parquet file with data.url_col/data.caption_col)"
-        )
-    return stats
+    for line_no, url, caption in rows:
+        if url.startswith(REFUSED_PREFIX):
+            url = f"{refused_url}/{url[len(REFUSED_PREFIX):]}"
+        elif "://" not in url:
+            if url.startswith("/"):
+                url = f"file://{url}"
+            elif base_url:
+                url = f"{base_url}/{url}"
+            else:
+                stats.bad(line_no)
+                continue
+        stats.rows += 1
+        yield url, caption
 
 
 def check_url_list(data: DataConfig) -> Path:
@@ -176,8 +184,18 @@ def check_url_list(data: DataConfig) -> Path:
     if not src.exists():
         raise UrlListError(f"data.url_list={src} does not exist (CC12M: download cc12m.tsv yourself and put it there)")
     if not src.is_file():
-        raise UrlListError(f"data.url_list={src} is a folder; point data.url_list at the list file (TSV or parquet)")
+        raise UrlListError(f"data.url_list={src} is {_file_kind(src)}; point data.url_list at the list file (TSV or parquet)")
     return src
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in words (``/dev/zero`` is no folder)."""
+    import stat
+
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
 
 
 # --- the demo's local HTTP source ------------------------------------------------------------------------
@@ -466,8 +484,9 @@ def _fingerprint(data: DataConfig) -> dict[str, Any]:
     return {"url_list_sha256": _sha256(Path(data.url_list)), **{k: getattr(data, k) for k in FINGERPRINT_KEYS}}
 
 
-def check_fingerprint(data: DataConfig) -> None:
-    """Refuse to resume into shards made differently; record the settings for the next resume."""
+def check_fingerprint(data: DataConfig) -> dict[str, Any]:
+    """Refuse to resume into shards made differently (reads only); the settings to record once the
+    list has been validated (``record_fingerprint``)."""
     import yaml
 
     fs, root = shard_store(data)
@@ -481,8 +500,15 @@ def check_fingerprint(data: DataConfig) -> None:
                 f"{data.shards_dir} was written with different {', '.join(changed)} (see {path}). Shards are never "
                 "overwritten: set data.shards_dir to a new folder or prefix (or delete that one); resuming would mix two data sets."
             )
+    return current
+
+
+def record_fingerprint(data: DataConfig, fingerprint: dict[str, Any]) -> None:
+    import yaml
+
+    fs, root = shard_store(data)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(path, yaml.safe_dump(current, sort_keys=False).encode())
+    fs.pipe_file(f"{root}/{FINGERPRINT_FILE}", yaml.safe_dump(fingerprint, sort_keys=False).encode())
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -497,10 +523,13 @@ def run(cfg: Config) -> dict[str, Any]:
             base_url = stack.enter_context(serve_directory(root))
             refused = _closed_port_url()
         check_url_list(data)
-        check_fingerprint(data)
+        fingerprint = check_fingerprint(data)
         # The converted list holds this run's server address (demo): a scratch copy, removed after.
         stack.callback(shutil.rmtree, paths["list_dir"], ignore_errors=True)
+        # Validates the whole list before writing its parts: a refused list leaves shards_dir untouched,
+        # so the rerun after the fix its error suggests is not refused as "written with another list".
         list_stats = prepare_url_list(data, paths["list_dir"], base_url, refused)
+        record_fingerprint(data, fingerprint)
         run_img2dataset(data, paths["list_dir"])
     fs, root = shard_store(data)
     manifest = build_manifest(fs, root, data.shards_dir)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from ..errors import MissingInputError, UserError
 from ..ops.storage import s3_filesystem
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -31,7 +32,7 @@ PARTIAL_BATCH = "partial_last_batch"
 CAPTION_KEYS = ("txt", "caption")
 
 
-class ShardSplitError(ValueError):
+class ShardSplitError(UserError, ValueError):
     """Non-resampled shards cannot be split evenly across ranks x workers (DDP would hang)."""
 
 
@@ -147,7 +148,7 @@ def resolve_shards(data_cfg: DataConfig, shards: str | None = None) -> list[str]
     else:
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
     if not urls:
-        raise FileNotFoundError(f"no .tar shards at {spec!r} (data.shards / data.shards_dir): run `galip download` first")
+        raise MissingInputError(f"no .tar shards at {spec!r} (data.shards / data.shards_dir): run `galip download` first")
     return urls
 
 
@@ -478,6 +479,14 @@ def _resampled_urls(urls: list[str], seed: int) -> Iterator[dict[str, str]]:
         yield {"url": rng.choice(urls)}
 
 
+def training_shards(data_cfg: DataConfig, world_size: int) -> list[str]:
+    """The shards a training run reads; refused when there are none or they cannot be split evenly."""
+    urls = resolve_shards(data_cfg)
+    if not data_cfg.resampled:
+        check_even_split(len(urls), world_size, data_cfg.workers)
+    return urls
+
+
 def training_stream(
     data_cfg: DataConfig,
     tokenize: Callable[[Sequence[str]], torch.Tensor],
@@ -490,11 +499,9 @@ def training_stream(
 ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], LoaderStats]:
     """Endless (images, tokens) micro-batches for the trainer from one DataLoader that lives as long
     as the run; ``LoaderStats`` counts what its workers skipped (cumulative per worker)."""
-    urls = resolve_shards(data_cfg)
+    urls = training_shards(data_cfg, world_size)
     if any(u.startswith("s3://") for u in urls):
         _register_s3_gopen(data_cfg.s3_endpoint_url)
-    if not data_cfg.resampled:
-        check_even_split(len(urls), world_size, data_cfg.workers)
     dataset = TrainingStream(urls, data_cfg, tokenize, batch_size, seed, rank, world_size, plan)
     loader = torch.utils.data.DataLoader(
         dataset,

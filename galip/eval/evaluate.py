@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import torch
 
 from ..train.checkpoint import latest_checkpoint, load_generator, readable_checkpoint
-from ..model.clip import ClipWeightsError, FrozenCLIP, load_clip
-from ..config import Config, ConfigError, EvalConfig
+from ..model.clip import FrozenCLIP, load_clip
+from ..config import Config, EvalConfig
 from ..train.distributed import DistEnv, barrier, cleanup, init_distributed
-from ..errors import UserError
+from ..errors import MissingInputError
 from .generate import generate_images, latents, render
 from ..model.models import NetG
 
@@ -49,7 +49,7 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
-            raise FileNotFoundError(f"--checkpoint {path}: no such file")
+            raise MissingInputError(f"--checkpoint {path}: no such file")
         return readable_checkpoint(path)
     best = best_checkpoint(cfg)
     if best is not None:
@@ -58,7 +58,7 @@ def resolve_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
     found = latest_checkpoint(ckpt_dir)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first, set train.out_dir, or pass --checkpoint PATH)")
+        raise MissingInputError(f"no checkpoint in {ckpt_dir} (train first, set train.out_dir, or pass --checkpoint PATH)")
     return readable_checkpoint(found)
 
 
@@ -110,7 +110,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, Any]:
     from .metrics import check_metric_names
 
     check_metric_names(cfg.eval.metrics)  # before any model is loaded
-    env = init_distributed(cfg.eval.device)
+    env = init_distributed(cfg.eval.device, "eval.device")
     try:
         return _run(cfg, env, checkpoint)
     finally:
@@ -223,7 +223,3 @@ class TrainingEvaluator:
         self.ctx.protocol.clear()
         return score(net_g, self.ctx, self.names, self.z, self.batch_size)
 
-
-# Errors caused by inputs (missing weights, shards, checkpoint; bad settings): the CLI prints them
-# without a traceback. InceptionWeightsError and ReferenceSetError are FileNotFoundErrors.
-USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ClipWeightsError, ConfigError, UserError)

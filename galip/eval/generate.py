@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from ..train.checkpoint import load_generator
+from ..train.distributed import resolve_device
 from ..model.clip import FrozenCLIP
 from ..errors import UserError
 from ..model.models import NetG
@@ -98,7 +99,9 @@ def run(
     from .grid import save_labelled_grid
 
     check_request(prompts, n, max_images)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; pass the PNG file to write (e.g. {Path(out) / 'grid.png'})")
+    dev = resolve_device(device, key="--device")
     net_g, clip, _ = load_generator(checkpoint, dev)
     images = generate_images(net_g, clip, prompts, n, seed, interpolate, batch_size)
     return save_labelled_grid(images, list(prompts), out, n_per_row=n)  # one row per prompt

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 log = logging.getLogger("galip.clip")
 
 # The reference's (1, 4, 8) feature blocks and 1..8 prompt blocks, for a 12-block ViT.
@@ -28,8 +30,12 @@ _REF_FEATURE_BLOCKS = (1, 4, 8)
 _REF_PROMPT_BLOCKS = tuple(range(1, 9))
 
 
-class ClipWeightsError(RuntimeError):
+class ClipWeightsError(UserError, RuntimeError):
     """CLIP weights could not be found locally; the message says how to stage them."""
+
+
+class ClipConfigError(UserError, ValueError):
+    """model.* settings that do not fit the chosen CLIP: its name, tag, block indices, the image size."""
 
 
 def register_project_model_configs() -> None:
@@ -58,12 +64,35 @@ def without_random_init_warning():
         root.removeFilter(drop)
 
 
-def _create_open_clip(name: str, pretrained: str) -> nn.Module:
+def _is_weights_file(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _check_clip_source(name: str, pretrained: str) -> None:
+    """The model name is open_clip's, and the weights are a file that exists or a tag of that model."""
     import open_clip
 
     register_project_model_configs()
     if name not in open_clip.list_models():
-        raise ValueError(f"model.clip_model={name!r} is not an open_clip model name (see open_clip.list_models())")
+        raise ClipConfigError(f"model.clip_model={name!r} is not an open_clip model name (see open_clip.list_models())")
+    if not pretrained:
+        return
+    if _is_weights_file(pretrained):
+        if not Path(pretrained).is_file():
+            raise ClipWeightsError(
+                f"model.clip_pretrained={pretrained!r}: no such file. Stage the checkpoint there, or set a "
+                "pretrained tag (e.g. 'openai') on a machine whose open_clip/Hugging Face cache has it."
+            )
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ClipConfigError(f"model.clip_pretrained={pretrained!r} is not a tag of {name} (known: {tags})")
+
+
+def _create_open_clip(name: str, pretrained: str) -> nn.Module:
+    import open_clip
+
+    _check_clip_source(name, pretrained)
     if not pretrained:
         # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger; here that
         # is what was asked for (the demo's CLIP before its own training, a seeded CLIP in tests): say it once, plainly.
@@ -71,16 +100,8 @@ def _create_open_clip(name: str, pretrained: str) -> nn.Module:
             model = open_clip.create_model(name, pretrained=None)
         log.info("CLIP %s: random weights, as asked (no pretrained weights given)", name)
         return model
-    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        if not Path(pretrained).is_file():
-            raise ClipWeightsError(
-                f"model.clip_pretrained={pretrained!r}: no such file. Stage the checkpoint there, or set a "
-                "pretrained tag (e.g. 'openai') on a machine whose open_clip/Hugging Face cache has it."
-            )
+    if _is_weights_file(pretrained):
         return open_clip.create_model(name, pretrained=pretrained)
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
-        raise ValueError(f"model.clip_pretrained={pretrained!r} is not a tag of {name} (known: {tags})")
     try:
         return open_clip.create_model(name, pretrained=pretrained)
     except Exception as exc:  # offline hub, proxy, missing cache: all end here
@@ -90,6 +111,37 @@ def _create_open_clip(name: str, pretrained: str) -> nn.Module:
             f"pretrained='{pretrained}')\" to fill the Hugging Face cache (HF_HOME), copy that cache here, "
             "or download the checkpoint file and set model.clip_pretrained=/path/to/file.pt"
         ) from exc
+
+
+def check_model_config(model_cfg) -> None:
+    """Refuse model.* settings that cannot work with the chosen CLIP, from open_clip's config alone
+    (no weights are built or read): a run stops here, before it writes anything, instead of failing
+    while it builds the networks."""
+    import open_clip
+
+    from .models import g_block_plan
+
+    _check_clip_source(model_cfg.clip_model, model_cfg.clip_pretrained)
+    vision = (open_clip.get_model_config(model_cfg.clip_model) or {}).get("vision_cfg", {})
+    depth, patch, size = vision.get("layers"), vision.get("patch_size"), vision.get("image_size")
+    if vision.get("timm_model_name") or not isinstance(depth, int) or not patch:
+        raise ClipConfigError(f"model.clip_model={model_cfg.clip_model!r}: {_NOT_VIT}")
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    check_blocks(depth, model_cfg.feature_blocks, model_cfg.prompt_blocks)
+    g_block_plan(size // patch, model_cfg.image_size, model_cfg.ngf)
+
+
+_NOT_VIT = "GALIP needs an open_clip ViT image tower (model.visual.transformer); got a non-ViT CLIP"
+
+
+def check_blocks(depth: int, feature_blocks: Sequence[int], prompt_blocks: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The feature and prompt block indices for a ViT of ``depth`` blocks (empty = the reference's, scaled)."""
+    feature = tuple(feature_blocks) or _scaled_blocks(_REF_FEATURE_BLOCKS, depth)
+    prompt = tuple(prompt_blocks) or _scaled_blocks(_REF_PROMPT_BLOCKS, depth)
+    for key, blocks in (("model.feature_blocks", feature), ("model.prompt_blocks", prompt)):
+        if len(set(blocks)) != len(blocks) or not all(0 <= b < depth for b in blocks):
+            raise ClipConfigError(f"{key}={list(blocks)}: need distinct block indices in [0, {depth - 1}] for this CLIP")
+    return feature, prompt
 
 
 def _scaled_blocks(ref: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -120,7 +172,7 @@ class FrozenCLIP(nn.Module):
         super().__init__()
         visual = getattr(model, "visual", None)
         if visual is None or not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
-            raise ValueError("GALIP needs an open_clip ViT image tower (model.visual.transformer); got a non-ViT CLIP")
+            raise ClipConfigError(_NOT_VIT)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.dtype: torch.dtype = torch.float32  # weight / compute dtype, see set_precision
@@ -138,11 +190,7 @@ class FrozenCLIP(nn.Module):
             embed_dim=visual.output_dim,
             context_length=int(getattr(model, "context_length", 77)),
         )
-        self.feature_blocks = tuple(feature_blocks) or _scaled_blocks(_REF_FEATURE_BLOCKS, depth)
-        self.prompt_blocks = tuple(prompt_blocks) or _scaled_blocks(_REF_PROMPT_BLOCKS, depth)
-        for key, blocks in (("model.feature_blocks", self.feature_blocks), ("model.prompt_blocks", self.prompt_blocks)):
-            if len(set(blocks)) != len(blocks) or not all(0 <= b < depth for b in blocks):
-                raise ValueError(f"{key}={list(blocks)}: need distinct block indices in [0, {depth - 1}] for this CLIP")
+        self.feature_blocks, self.prompt_blocks = check_blocks(depth, feature_blocks, prompt_blocks)
         mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
         std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

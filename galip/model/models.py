@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import ClipDims, FrozenCLIP
+from .clip import ClipConfigError, ClipDims, FrozenCLIP
 from ..config import ModelConfig
 
 
@@ -95,7 +95,7 @@ def g_block_plan(grid: int, image_size: int, ngf: int) -> list[tuple[int, int, i
     exactly the reference's schedule.
     """
     if image_size <= grid:
-        raise ValueError(f"model.image_size={image_size} must exceed the CLIP patch grid ({grid})")
+        raise ClipConfigError(f"model.image_size={image_size} must exceed the CLIP patch grid ({grid})")
     sizes = []
     s = 1
     while s <= grid:

@@ -248,8 +248,11 @@ def _new_pipeline_run(cfg: Config, client: Any, stage: str) -> str:
             RECORDS[upstream](cfg, client, run_id)
             _mark(client, run_id, upstream)
     path = _run_file(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(tracking_uri(cfg))}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(tracking_uri(cfg))}))
+    except OSError as exc:  # train.out_dir unusable: the stage itself refuses it, naming the key
+        log.debug("no run file at %s: %s", path, exc)
     log.info("MLflow run %s (%s) opened by the %s stage", run_id, redact(tracking_uri(cfg)), stage)
     return run_id
 
@@ -260,15 +263,27 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
 
     ``MLFLOW_RUN_ID`` and ``MLFLOW_TRACKING_URI`` are set for the stage's own logging (the trainer's
     Tracker, subprocesses). After the stage succeeded its record is written; a run this stage opened or
-    reopened is marked FINISHED (or FAILED when the stage raised)."""
+    reopened is marked FINISHED, or FAILED when the stage failed. A stage refused before any work (a
+    UserError) leaves nothing behind: a run it opened is deleted with its run file, a reopened one gets
+    its status back."""
     if os.environ.get("RANK", "0") != "0":
         yield None
         return
+    from ..errors import UserError
+
     owned = not os.environ.get("MLFLOW_RUN_ID")
+    run_file = _run_file(cfg)
+    new_dirs = [d for d in (run_file.parent, *run_file.parent.parents) if not d.exists()]
+    previous = run_file.read_bytes() if run_file.is_file() else None
+    opened, status = False, None
     with unrecorded():  # bookkeeping: which run and where is not an input of the stage
         client = client_for(cfg)
         if owned:
-            run_id = _reusable(cfg, client, stage) or _new_pipeline_run(cfg, client, stage)
+            run_id = _reusable(cfg, client, stage)
+            if run_id:
+                status = client.get_run(run_id).info.status
+            else:
+                run_id, opened = _new_pipeline_run(cfg, client, stage), True
             client.update_run(run_id, status="RUNNING")
         else:
             run_id = os.environ["MLFLOW_RUN_ID"]
@@ -279,6 +294,21 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
         with unrecorded():
             RECORDS[stage](cfg, client, run_id)
             _mark(client, run_id, stage)
+    except UserError:
+        if owned:
+            with contextlib.suppress(Exception):
+                if opened:
+                    client.delete_run(run_id)
+                    if previous is None:
+                        run_file.unlink(missing_ok=True)
+                    else:
+                        run_file.write_bytes(previous)
+                    for d in new_dirs:  # innermost first; only what this stage created and left empty
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
+                else:
+                    client.update_run(run_id, status=status)
+        raise
     except BaseException:
         if owned:
             with contextlib.suppress(Exception):

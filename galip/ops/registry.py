@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import Config
+from ..errors import MissingInputError, UserError
 from .redact import redact
 
 # Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
@@ -32,7 +33,7 @@ DATA_TAG_PREFIX = "data."
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registration input is missing or unusable, or MLflow did not take the model; the message names it."""
 
 
@@ -330,7 +331,7 @@ def register(
 
 def load_metrics(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics file (run `galip evaluate` first)")
+        raise MissingInputError(f"{path}: no metrics file (run `galip evaluate` first)")
     return json.loads(path.read_text())
 
 
@@ -345,10 +346,10 @@ def register_from_files(cfg: Config, metrics_path: Path | None, checkpoint: Path
     metrics = load_metrics(Path(metrics_path)) if metrics_path else {}
     named = checkpoint or metrics.get("protocol", {}).get("checkpoint")
     if not named:
-        raise FileNotFoundError("no checkpoint to register: pass --checkpoint (or --metrics from `galip evaluate`)")
+        raise MissingInputError("no checkpoint to register: pass --checkpoint (or --metrics from `galip evaluate`)")
     ckpt = Path(named)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found (pass --checkpoint)")
+        raise MissingInputError(f"checkpoint {ckpt} not found (pass --checkpoint)")
     configure(cfg)
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     with _mlflow_step("log the metrics", cfg, run_id or "(new)"):

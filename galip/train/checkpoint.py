@@ -108,7 +108,8 @@ def verify_checkpoint(path: str | Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    # A flipped byte in a member name of the zip directory fails to decode: unreadable like a cut file.
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint ({exc}; {path.stat().st_size} bytes)") from None
     if bad is not None:
         raise CheckpointError(f"checkpoint {path} is corrupt (record {bad} fails its checksum)")
@@ -169,15 +170,27 @@ def readable_checkpoint(path: str | Path) -> Path:
 def newest_good_checkpoint(ckpt_dir: str | Path) -> Path | None:
     """The newest verifiable checkpoint in ``ckpt_dir``; newer unreadable ones are renamed to
     ``*.corrupt`` (kept for inspection, never picked again), each said in one warning line.
+    When there are checkpoints but none is readable, CheckpointError, and nothing is renamed: the
+    run must not silently start over from step 0 in a folder that holds a run.
     Only the process that owns the folder (the run lock) may call this."""
+    unreadable: list[tuple[Path, CheckpointError]] = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             verify_checkpoint(path)
-            return path
         except CheckpointError as exc:
-            aside = path.with_name(path.name + CORRUPT_SUFFIX)
-            os.replace(path, aside)
+            unreadable.append((path, exc))
+            continue
+        for bad, exc in unreadable:
+            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            os.replace(bad, aside)
             log.warning("%s; moved aside to %s, falling back to the previous checkpoint", exc, aside.name)
+        return path
+    if unreadable:
+        raise CheckpointError(
+            f"none of the {len(unreadable)} checkpoint(s) in {ckpt_dir} is readable (newest: {unreadable[0][1]}); "
+            "nothing was changed. Restore a good copy there, or move them away (or set train.out_dir to a new folder) "
+            "to start from step 0"
+        )
     return None
 
 

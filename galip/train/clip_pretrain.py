@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..errors import MissingInputError
 
 log = logging.getLogger("galip.clip_pretrain")
 
@@ -88,10 +89,10 @@ def count_samples(cfg: Config, shards: list[str]) -> int:
     for shard in shards:
         stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
         if not stats.is_file():
-            raise FileNotFoundError(f"{stats}: missing; train-clip needs shards written by `galip download`")
+            raise MissingInputError(f"{stats}: missing; train-clip needs shards written by `galip download`")
         total += int(json.loads(stats.read_text())["successes"])
     if total == 0:
-        raise FileNotFoundError(f"the shards in {cfg.data.shards_dir} hold no samples: run `galip download` first")
+        raise MissingInputError(f"the shards in {cfg.data.shards_dir} hold no samples: run `galip download` first")
     return total
 
 

@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,24 +29,35 @@ class DistEnv:
         return self.world_size > 1 or self.process_group
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+class DeviceError(UserError, RuntimeError):
+    """A device that is not a device name, or not on this machine."""
+
+
+def resolve_device(requested: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"{key}={requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={requested!r} but no CUDA device is visible; use train.device=cpu or auto")
+            raise DeviceError(f"{key}={requested!r} but no CUDA device is visible; use {key}=cpu or auto")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+        elif dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{key}={requested!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise DeviceError(f"{key}={requested!r}: GALIP trains and samples on cpu or cuda")
     return dev
 
 
-def init_distributed(requested_device: str = "auto") -> DistEnv:
+def init_distributed(requested_device: str = "auto", key: str = "train.device") -> DistEnv:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun); NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(requested_device, local_rank)
+    device = resolve_device(requested_device, local_rank, key)
     # On GPUs, torchrun with one process runs the same NCCL + DDP path as with eight, so a one-GPU
     # smoke run tests the multi-GPU recipe; on CPU (the demo, tests) one process stays plain.
     group = world > 1 or (device.type == "cuda" and "WORLD_SIZE" in os.environ)

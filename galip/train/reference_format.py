@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint, training_clip
 from ..config import Config, config_from_dict
+from ..errors import MissingInputError, OutputExistsError, UserError
 from ..model.models import build_nets
 
 FORMAT_NAME = "tobran/GALIP"
@@ -99,7 +100,7 @@ REFERENCE_RECIPE: dict[str, Any] = {
 }
 
 
-class ReferenceFormatError(ValueError):
+class ReferenceFormatError(UserError, ValueError):
     """A reference checkpoint does not fit the configured model; one line naming the first offending key."""
 
 
@@ -291,7 +292,7 @@ def _first_line(exc: BaseException) -> str:
 def read_reference(path: Path) -> Any:
     """torch.load(weights_only=True): tensors and containers only, never arbitrary pickled objects."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (download the released model first; see README)")
+        raise MissingInputError(f"{path}: no such file (download the released model first; see README)")
     with open(path, "rb") as fh:
         head = fh.read(64).lstrip()
     if head[:1] == b"<":
@@ -361,12 +362,12 @@ def _describe(cfg: Config) -> tuple[str, str]:
 def _import_target(cfg: Config, out: Path | None) -> Path:
     if out is not None:
         if out.exists():
-            raise FileExistsError(f"--out {out} exists; remove it or pass another path")
+            raise OutputExistsError(f"--out {out} exists; remove it or pass another path")
         return out
     ckpt_dir = Path(cfg.train.out_dir) / "checkpoints"
     existing = latest_checkpoint(ckpt_dir)
     if existing is not None:
-        raise FileExistsError(f"{ckpt_dir} already holds {existing.name}; pass --out PATH or -S train.out_dir=<new folder>")
+        raise OutputExistsError(f"{ckpt_dir} already holds {existing.name}; pass --out PATH or -S train.out_dir=<new folder>")
     return checkpoint_path(ckpt_dir, 0)
 
 
@@ -430,7 +431,7 @@ def export_reference(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} exists; remove it or pass another path")
+        raise OutputExistsError(f"{out} exists; remove it or pass another path")
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"])
     clip = training_clip(cfg)

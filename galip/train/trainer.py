@@ -36,9 +36,9 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from ..model.clip import FrozenCLIP, clip_from_config
+from ..model.clip import FrozenCLIP, check_model_config, clip_from_config
 from ..config import Config, resume_changes
-from ..data.loader import StreamPlan, segment_seed, training_stream
+from ..data.loader import StreamPlan, segment_seed, training_shards, training_stream
 from .distributed import DistEnv, barrier, cleanup, init_distributed
 from ..errors import UserError
 from ..eval.grid import save_labelled_grid
@@ -525,11 +525,21 @@ def run(
     """Train until ``train.max_steps`` (or ``max_steps``); returns the final step, checkpoint and losses."""
     env = init_distributed(cfg.train.device)
     try:
+        check_before_work(cfg, env, clip)
         # One writer per out_dir: rank 0 holds the lock for the run's life (checked before any work).
         with run_lock(cfg.train.out_dir, enabled=env.is_main):
             return _run(cfg, env, resume, max_steps or cfg.train.max_steps, clip, allow_config_change)
     finally:
         cleanup(env)
+
+
+def check_before_work(cfg: Config, env: DistEnv, clip: FrozenCLIP | None = None) -> None:
+    """Refuse what can be refused without building anything (model.* against the CLIP's own config,
+    the CLIP weights, the local shards), so that a refused run has written nothing."""
+    if clip is None:
+        check_model_config(cfg.model)
+    if not (cfg.data.shards or cfg.data.shards_dir).startswith("s3://"):  # a store is listed when training starts
+        training_shards(cfg.data, env.world_size)
 
 
 def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCLIP | None, allow_config_change: bool = False) -> dict[str, Any]:
@@ -539,7 +549,6 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     ckpt_dir = out_dir / "checkpoints"
     if env.is_main:
         remove_orphans(ckpt_dir)  # temp files of a write a kill interrupted (we hold the lock)
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
     tracker = Tracker(enabled=env.is_main)
     trainer = Trainer.create(cfg, env, clip)
     start = _resume_point(cfg, ckpt_dir, env)
@@ -552,6 +561,9 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if start is not None:
         trainer.load(start, allow_config_change)
         log.info("resumed from %s (step %d)", start, trainer.step)
+    if env.is_main:
+        # Only now that the resume is accepted: a refused one leaves the config its checkpoints were trained with.
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
     result: dict[str, Any] = {"step": trainer.step, "checkpoint": str(start) if start else None, "losses": {}}
     if trainer.step >= max_steps:
         return result

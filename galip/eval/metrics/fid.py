@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import register
+from ...errors import MissingInputError
 from .base import EvalContext
 from .frechet import FrechetMetric
 
@@ -24,7 +25,7 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 INCEPTION_FEATURES = 2048
 
 
-class InceptionWeightsError(FileNotFoundError):
+class InceptionWeightsError(MissingInputError):
     """The standard FID Inception weights are not on this machine; the message says how to stage them."""
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ...config import Config
+from ...errors import MissingInputError
 from .base import broadcast_object
 from .frechet import FrechetStats, RefStatsCache, cache_key, module_fingerprint, reference_stats_from_images
 
@@ -26,7 +27,7 @@ log = logging.getLogger("galip.evaluate")
 _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-class ReferenceSetError(FileNotFoundError):
+class ReferenceSetError(MissingInputError):
     """The reference shards are missing or unusable; the message says which setting to fix."""
 
 

@@ -132,6 +132,7 @@ def test_cc12m_in_miniature_through_the_flow_then_dvc_repro_then_traced_to_its_s
 
         # --- 2. dvc repro of the same params.yaml ---------------------------------------------------------
         dvc_env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL",)}
+        dvc_env["PATH"] = f"{Path(venv_bin('dvc')).parent}:{env['PATH']}"  # the stage commands (galip, torchrun)
         out = run([venv_bin("dvc"), "repro"], project, dvc_env, timeout=1200)
         assert re.findall(r"Running stage '(\w+)'", out) == ["download", "clip", "train", "evaluate", "register"]
 

@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -131,7 +132,9 @@ def _record_download(cfg: Config, client: Any, run_id: str) -> None:
     table = pd.DataFrame(manifest["shards"], columns=["shard", "samples", "sha256", "bytes"])
     root = manifest["shards_dir"]
     source = root if "://" in root else str(Path(root).resolve())
-    dataset = mlflow.data.from_pandas(table, source=source, name=f"galip-{cfg.profile}-shards", digest=report["manifest_hash"])
+    with warnings.catch_warnings():  # its schema hint is about model inputs, not a dataset record
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(table, source=source, name=f"galip-{cfg.profile}-shards", digest=report["manifest_hash"])
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
 
 

@@ -1,7 +1,7 @@
 """Prefect flow ``galip-train``: preflight -> download -> data report -> [demo: CLIP] -> train -> evaluate -> register.
 
 Tasks are thin: each stage is one ``galip`` command line, the very command the matching dvc.yaml stage
-runs (tests/test_flow.py checks that they are equal). With ``flow.use_dvc`` (demo profile) a task runs
+runs (tests/test_dvc.py checks that they are equal). With ``flow.use_dvc`` (demo profile) a task runs
 ``dvc repro --single-item <stage>`` instead of the command itself, so DVC decides what is up to date
 and dvc.lock records what was produced from what, whether the flow or a user ran it. Without it
 (production pods, or parameter overrides from the Prefect form) the commands run directly and the
@@ -51,16 +51,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from galip.config import Config, ConfigError, load_config
 from galip.ops.kube import runs_as_job, train_job
 from galip.ops.redact import RedactFilter, redact
+from galip.telemetry import TELEMETRY_OFF
 
 ROOT = Path.cwd()
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "WANDB_MODE": "disabled",
-}
 # tqdm redraws its bar with '\r'; forward at most one redraw per this many seconds to the run log.
 PROGRESS_EVERY_S = 15.0
 

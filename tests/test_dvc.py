@@ -1,22 +1,27 @@
-"""DVC: the repository's configuration, data.dvc reproducibility, and an S3 push/pull round trip."""
+"""DVC: the repository's configuration, dvc.yaml's stage commands, data.dvc reproducibility, and an S3 push/pull
+round trip."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from configobj import ConfigObj
+
+from galip.telemetry import TELEMETRY_OFF
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> str:
-    full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC": DVC, **env}
+    full_env = {**os.environ, **TELEMETRY_OFF, "DVC": DVC, **env}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc.stdout
@@ -27,6 +32,17 @@ def test_repository_dvc_config_is_offline_and_local():
     assert cfg["core"]["analytics"] == "false" and cfg["core"]["check_update"] == "false"
     assert cfg["core"]["remote"] == "local"
     assert cfg['remote "local"']["url"] == "../.dvcstore"
+
+
+def test_dvc_stages_match_the_flow_commands():
+    """The flow runs these exact command lines when it does not go through DVC: they must not drift."""
+    from flows.galip_train import GalipTrainParams, stage_commands
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commands = stage_commands(GalipTrainParams(profile="demo"))
+    assert set(commands) == {"download", "clip", "train", "evaluate"}
+    for name, argv in commands.items():
+        assert stages[name]["cmd"] == shlex.join(argv), name
 
 
 @pytest.mark.slow

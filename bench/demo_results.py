@@ -54,23 +54,37 @@ def _fidelity(m: dict[str, Any], split: str, attribute: str) -> float:
     return m[f"prompt_fidelity_{split}" + (f"_{attribute}" if attribute != "all" else "")]
 
 
-def render_summary() -> str:
-    timing, m, clip = _load("cpu_make_demo.json"), _load("cpu_make_demo_metrics.json"), _load("cpu_make_demo_clip_report.json")
-    s, proto = timing["stages_s"], m["protocol"]
-    load = f", load average {timing['load_avg_1m']}" if "load_avg_1m" in timing else ""
+def measured_quality() -> dict[str, Any]:
+    """The quality of the README's run as one record (the shape of cpu_make_demo_earlier_runs.jsonl's rows)."""
+    m, clip = _load("cpu_make_demo_metrics.json"), _load("cpu_make_demo_clip_report.json")
     sep = clip["separation"]["held_in"]["image_text"]
-    weakest = min(ATTRIBUTES, key=lambda a: sep[a])
-    rows = [f"| {label} | " + " | ".join(f"{_fidelity(m, split, a):.1f}" for a in (*ATTRIBUTES, "all")) + " |"
+    return {
+        "recipe": "batch 8 x 1000 steps, CLIP batch 50, retry below 75 (no retry needed): today's profile, the run in README.md", "prompt_fidelity": m["prompt_fidelity"], "fd_clip": m["fd_clip"],
+        "n_samples": m["protocol"]["n_samples"],
+        "held_in": {a: _fidelity(m, "held_in", a) for a in (*ATTRIBUTES, "all")},
+        "held_out": {a: _fidelity(m, "held_out", a) for a in (*ATTRIBUTES, "all")},
+        "clip_position_held_in": sep["position"], "clip_min_held_in": sep["min"], "clip_weakest": min(ATTRIBUTES, key=lambda a: sep[a]),
+        "total_s": None,  # its time is not comparable: the machine was busy
+        "source": "`cpu_make_demo_metrics.json`, `cpu_make_demo_clip_report.json`",
+    }
+
+
+def render_summary() -> str:
+    timing, q = _load("cpu_make_demo.json"), measured_quality()
+    s = timing["stages_s"]
+    load = f", load average {timing['load_avg_1m']}" if "load_avg_1m" in timing else ""
+    rows = [f"| {label} | " + " | ".join(f"{q[split][a]:.1f}" for a in (*ATTRIBUTES, "all")) + " |"
             for label, split in (("held-in pairs", "held_in"), ("held-out pairs", "held_out"))]
     rows.append("| chance | " + " | ".join(_pct(CHANCE[a]) for a in ATTRIBUTES) + f" | {_pct(CHANCE_ALL)} |")
-    held_in_mean = sum(_fidelity(m, "held_in", a) for a in ATTRIBUTES) / len(ATTRIBUTES)
+    held_in_mean = sum(q["held_in"][a] for a in ATTRIBUTES) / len(ATTRIBUTES)
     return "\n".join([
         BLOCKS["summary"][0],
         f"Time, on an otherwise idle 2-core machine (`bench/results/cpu_make_demo.json`{load}): **{timing['total_s'] / 60:.1f} min**",
         f"end to end: download {s['download']:.0f} s, CLIP pre-training {s['clip']:.0f} s, GALIP training {s['train']:.0f} s, "
         f"evaluation {s['evaluate']:.0f} s, the rest Prefect and registration.",
-        f"Quality (`bench/results/cpu_make_demo_metrics.json`, the generator at step {proto['step']}, {proto['n_samples']} prompts), and the",
-        "evaluation grid of the same run, one row per prompt (the last two rows are colour+shape pairs the training data never shows):",
+        f"Quality, from another run of the same profile ({q['source']} in `bench/results/`; its time is not comparable, the",
+        f"machine was busy), on {q['n_samples']} evaluation prompts, and that run's evaluation grid, one row per prompt (the last",
+        "two rows are colour+shape pairs the training data never shows):",
         "",
         "![make demo evaluation grid](bench/results/cpu_make_demo_samples.png)",
         "",
@@ -78,10 +92,10 @@ def render_summary() -> str:
         "|---" * (len(ATTRIBUTES) + 2) + "|",
         *rows,
         "",
-        f"Gate metric `prompt_fidelity` {m['prompt_fidelity']:.1f} (= ½ · held-in attribute mean {held_in_mean:.1f} + ½ · held-out "
-        f"all five {_fidelity(m, 'held_out', 'all'):.1f}), fd_clip {m['fd_clip']:.3f}.",
-        f"The demo CLIP of that run (`bench/results/cpu_make_demo_clip_report.json`) separates every attribute of training-like",
-        f"scenes on at least {sep['min']:.1f} % of them (weakest: {weakest}); the generator can follow only what it separates.",
+        f"Gate metric `prompt_fidelity` {q['prompt_fidelity']:.1f} (= ½ · held-in attribute mean {held_in_mean:.1f} + ½ · held-out "
+        f"all five {q['held_out']['all']:.1f}), fd_clip {q['fd_clip']:.3f}.",
+        f"The run's demo CLIP separates every attribute of training-like scenes on at least {q['clip_min_held_in']:.1f} % of them",
+        f"(weakest: {q['clip_weakest']}); the generator can follow only what it separates.",
         BLOCKS["summary"][1],
     ])
 
@@ -96,13 +110,7 @@ def _seconds(x: float | None) -> str:
 
 def render_runs() -> str:
     runs = [json.loads(line) for line in (RESULTS / "cpu_make_demo_earlier_runs.jsonl").read_text().splitlines() if line.strip()]
-    m, clip = _load("cpu_make_demo_metrics.json"), _load("cpu_make_demo_clip_report.json")
-    runs.append({
-        "recipe": "today's demo profile: the run in README.md", "clip_position_held_in": clip["separation"]["held_in"]["image_text"]["position"],
-        "prompt_fidelity": m["prompt_fidelity"], "held_in": {a: _fidelity(m, "held_in", a) for a in ATTRIBUTES},
-        "held_out": {"all": _fidelity(m, "held_out", "all")}, "total_s": None,  # its time: not on an idle machine
-        "source": "cpu_make_demo_metrics.json, cpu_make_demo_clip_report.json",
-    })
+    runs.append(measured_quality())
     lines = [
         BLOCKS["runs"][0],
         "| run | CLIP position (held-in image→text, %) | prompt fidelity | held-in colour / position / count | held-out all five | total | source |",

@@ -5,12 +5,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export DO_NOT_TRACK := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export NO_ALBUMENTATIONS_UPDATE := 1
-export WANDB_MODE := disabled
+# Telemetry and update checks off for everything make starts (the list: galip/telemetry.env).
+include galip/telemetry.env
+export $(shell sed -n 's/^\([A-Z_]*\)=.*/\1/p' galip/telemetry.env)
 # Tools the pipeline and tests start by name (uvicorn for `mlflow models serve`, dvc, prefect, galip,
 # torchrun) must resolve to the project's environment even when it is not activated.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)

@@ -8,11 +8,11 @@ CPU demo's budget.
 
     python bench/demo_sweep.py --clip runs/demo/clip/galip-tiny.pt --shards data/demo/shards \\
         --out /tmp/sweep --deadline-s 420 [--variant NAME:key=value,key=value ...]
-    python bench/demo_sweep.py --table [--check]   # README table from bench/results/demo_sweep_*.json
+    python bench/demo_sweep.py --table [--check]   # bench/README.md's table from bench/results/demo_sweep_*.json
 
 Writes <out>/sweep.json (per variant: steps reached, s/step, every in-training evaluation row) and
 prints a table of the best and last rows. Variants default to VARIANTS below. Commit a sweep.json as
-bench/results/demo_sweep_<card>_<date>_<tag>.json; --table renders every such file into the README
+bench/results/demo_sweep_<card>_<date>_<tag>.json; --table renders every such file into bench/README.md
 between the demo-sweep markers (a test checks they agree).
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _readme import sync_block  # noqa: E402
+from _readme import BENCH_README, sync_block  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- demo-sweep:begin (bench/demo_sweep.py --table) -->", "<!-- demo-sweep:end -->"
@@ -134,8 +134,8 @@ def render_table() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", action="store_true", help="render the README table from bench/results and exit")
-    p.add_argument("--check", action="store_true", help="with --table: exit 1 if the README differs")
+    p.add_argument("--table", action="store_true", help="render bench/README.md's table from bench/results and exit")
+    p.add_argument("--check", action="store_true", help="with --table: exit 1 if bench/README.md differs")
     p.add_argument("--clip", help="the demo CLIP checkpoint (the clip stage's output)")
     p.add_argument("--shards", help="folder of demo webdataset shards")
     p.add_argument("--out")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default="", help="also write this .tar.gz of each run's logs, curves and newest sample grid")
     args = p.parse_args(argv)
     if args.table:
-        return sync_block(BEGIN, END, render_table(), args.check, "python bench/demo_sweep.py --table")
+        return sync_block(BEGIN, END, render_table(), args.check, "python bench/demo_sweep.py --table", BENCH_README)
     if args.clip is None or not (args.shards and args.out):
         p.error("a sweep needs --clip (a checkpoint, or '' for random CLIP weights), --shards and --out")
     # runs start in their own folders: relative paths are resolved here

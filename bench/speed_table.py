@@ -1,10 +1,12 @@
-"""Render the README's speed tables from the committed result files in bench/results/.
+"""Render bench/README.md's speed tables from the committed result files in bench/results/.
 
-    python bench/speed_table.py           # rewrite the tables between the README's speed-table markers
-    python bench/speed_table.py --check   # exit 1 if the README and the result files disagree (a test runs this)
+    python bench/speed_table.py           # rewrite the tables between bench/README.md's speed-table markers
+    python bench/speed_table.py --check   # exit 1 if bench/README.md and the result files disagree (a test runs this)
 
 Every row names the file it comes from and the machine figure it was measured with (the card, or the
 CPU threads and the load average at the time), so numbers from different machines are not mixed up.
+Repeated measurements of one configuration in one file (bench/train_step.py alternating two settings
+in one run) share a row that lists them in run order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from _readme import sync_block  # noqa: E402
+from _readme import BENCH_README, sync_block  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- speed-table:begin (bench/speed_table.py) -->", "<!-- speed-table:end -->"
 
@@ -37,25 +39,43 @@ def _cpu_machine(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _cpu_row(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str] | None:
+    """(what was measured, its numbers, machine) of one record; None for records that are not timings."""
+    bench = r.get("bench")
+    if bench in ("train_step", "generate"):
+        what = f"{bench}: {r['clip_model']} {r['image_size']} px, batch {r['batch']}, {r['precision']}"
+        what += f", ngf {r['ngf']}" if "ngf" in r else ""
+        return what, (f"{r['images_per_s']} img/s", f"{r['sec_per_iter']} s/iter"), _cpu_machine(r)
+    if bench == "loader":
+        return f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}", (f"{r['images_per_s']} img/s",), _cpu_machine(r)
+    if bench == "ddp_throughput":
+        return f"torchrun demo training: {r['nprocs']} process(es) x batch {r['batch_per_proc']}", (f"{r['images_per_s']} img/s",), _cpu_machine(r)
+    if bench == "make_demo":
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages_s"].items())
+        machine = f"machine figure: {r['machine_figure']}" + (f", load {r['load_avg_1m']}" if "load_avg_1m" in r else "")
+        return f"`make demo` after install ({stages})", (f"{r['total_s'] / 60:.1f} min",), machine
+    return None
+
+
 def cpu_rows() -> list[list[str]]:
     rows = []
     for path in sorted(RESULTS.glob("cpu_*.json*")):
+        groups: dict[str, list[tuple[tuple[str, ...], str]]] = {}
         for r in records(path):
-            name = path.name
-            if r["bench"] in ("train_step", "generate"):
-                what = f"{r['bench']}: {r['clip_model']} {r['image_size']} px, batch {r['batch']}, {r['precision']}"
-                what += f", ngf {r['ngf']}" if "ngf" in r else ""
-                rows.append([what, f"{r['images_per_s']} img/s ({r['sec_per_iter']} s/iter)", _cpu_machine(r), name])
-            elif r["bench"] == "loader":
-                what = f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}"
-                rows.append([what, f"{r['images_per_s']} img/s", _cpu_machine(r), name])
-            elif r["bench"] == "ddp_throughput":
-                what = f"torchrun demo training: {r['nprocs']} process(es) x batch {r['batch_per_proc']}"
-                rows.append([what, f"{r['images_per_s']} img/s", _cpu_machine(r), name])
-            elif r["bench"] == "make_demo":
-                stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages_s"].items())
-                what = f"`make demo` after install ({stages})"
-                rows.append([what, f"{r['total_s'] / 60:.1f} min", f"machine figure: {r['machine_figure']}", name])
+            row = _cpu_row(r)
+            if row is not None:
+                groups.setdefault(row[0], []).append(row[1:])
+        for what, runs in groups.items():
+            if len(runs) == 1:
+                (values, machine), = runs
+                result = values[0] + (f" ({values[1]})" if len(values) > 1 else "")
+            else:  # repeats of one setting, alternated with another in the same run: listed in run order
+                what += f"; {len(runs)} runs, alternated with the file's other setting"
+                # "40.25 img/s", "40.44 img/s" -> "40.25, 40.44 img/s"
+                merged = [", ".join(v[i].split(" ", 1)[0] for v, _ in runs) + " " + runs[0][0][i].split(" ", 1)[1] for i in range(len(runs[0][0]))]
+                result = merged[0] + (f" ({merged[1]})" if len(merged) > 1 else "")
+                machine = runs[0][1]
+            rows.append([what, result, machine, path.name])
     return rows
 
 
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    return sync_block(BEGIN, END, render(), args.check, "python bench/speed_table.py")
+    return sync_block(BEGIN, END, render(), args.check, "python bench/speed_table.py", BENCH_README)
 
 if __name__ == "__main__":
     sys.exit(main())

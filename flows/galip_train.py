@@ -52,16 +52,9 @@ from galip.ops.kube import runs_as_job, train_job
 from galip.ops.pipeline_run import open_run, tracking_uri
 from galip.pipeline import STAGES, stage_command
 from galip.ops.redact import RedactFilter, redact, redact_every_log_record
+from galip.telemetry import TELEMETRY_OFF
 
 ROOT = Path.cwd()
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "WANDB_MODE": "disabled",
-}
 # tqdm redraws its bar with '\r'; forward at most one redraw per this many seconds to the run log.
 PROGRESS_EVERY_S = 15.0
 # Terminal control sequences (cursor moves such as ESC[A between stacked progress bars, colours): a run log

@@ -10,6 +10,7 @@ batch 16) measured in the same run, so demo times from different machines can be
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> int:
         "stages_s": stages,
         "machine_figure": f"demo train step, batch {figure['batch']}: {figure['sec_per_iter']} s/iter (mean of 20, min {figure['sec_per_iter_min']})",
         "train_step_s": figure["sec_per_iter"],
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine slows both figures
     }
     print(json.dumps(record))
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())

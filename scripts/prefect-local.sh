@@ -6,8 +6,7 @@
 set -euo pipefail
 
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
-export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
-export DVC_NO_ANALYTICS=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=disabled
+set -a; source "$(dirname "${BASH_SOURCE[0]}")/../galip/telemetry.env"; set +a  # telemetry off for the servers, the worker and its flow runs
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
 GALIP_POOL="${GALIP_POOL:-galip-local}"
 PY="${PY:-$PWD/.venv/bin/python}"

@@ -109,15 +109,9 @@ import subprocess as _subprocess
 import sys as _sys
 import time as _time
 
+from galip.telemetry import TELEMETRY_OFF
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "WANDB_MODE": "disabled",
-}
 
 
 def venv_bin(name: str) -> str:

@@ -1,4 +1,5 @@
-"""DVC: the repository's configuration, data.dvc reproducibility, and an S3 push/pull round trip."""
+"""DVC: the repository's configuration, dvc.yaml's stage commands, data.dvc reproducibility, and an S3 push/pull
+round trip."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 from configobj import ConfigObj
 
+from galip.telemetry import TELEMETRY_OFF
+
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> str:
-    full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC": DVC, **env}
+    full_env = {**os.environ, **TELEMETRY_OFF, "DVC": DVC, **env}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc.stdout

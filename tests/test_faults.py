@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 13): nothing lost, nothing left running, one clear line for every mistake.
+"""Faults and bad input (the table in docs/faults.md): nothing lost, nothing left running, one clear line for every mistake.
 
 Real components throughout: moto's S3 server on loopback and a closed loopback port as the dead store,
 real `galip train` processes for the run lock, real truncated files, the CLI in-process and as
@@ -57,7 +57,8 @@ def dead_endpoint() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
 
 
-# --- 1 and 9: storage faults ---------------------------------------------------------------------------
+# --- storage faults ---------------------------------------------------------------------------
+@pytest.mark.slow  # trains
 def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_path, shards, monkeypatch, caplog):
     import mlflow
 
@@ -104,6 +105,7 @@ def test_dead_store_without_local_checkpoint_stops_in_one_line(tmp_path, shards,
     assert not list_checkpoints(tmp_path / "run/checkpoints")
 
 
+@pytest.mark.slow  # trains
 def test_newer_remote_checkpoint_wins_over_the_local_one(tmp_path, shards, s3_bucket):
     endpoint, bucket = s3_bucket
     remote = [f"train.checkpoint_uri=s3://{bucket}/runs/demo", f"data.s3_endpoint_url={endpoint}"]
@@ -117,7 +119,8 @@ def test_newer_remote_checkpoint_wins_over_the_local_one(tmp_path, shards, s3_bu
     _assert_same(_weights(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _weights(result["checkpoint"]))
 
 
-# --- 4: one writer per out_dir ----------------------------------------------------------------------------
+# --- one writer per out_dir ----------------------------------------------------------------------------
+@pytest.mark.slow  # trains
 def test_second_train_into_the_same_out_dir_is_refused_and_a_killed_owner_does_not_block(tmp_path, shards, capsys, caplog):
     overrides = tiny_overrides(tmp_path, shards, "train.max_steps=100000", "train.ckpt_every=100000", "train.sample_every=100000")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
@@ -190,6 +193,10 @@ def test_the_lock_dies_with_a_killed_trainer_not_with_its_loader_workers(tmp_pat
 
 
 # --- 5 and 9: truncated checkpoints, orphan temp files --------------------------------------------------------
+
+
+# --- truncated checkpoints, orphan temp files --------------------------------------------------------
+@pytest.mark.slow  # trains
 def test_truncated_newest_checkpoint_is_named_and_skipped_for_the_previous_one(tmp_path, shards, capsys, caplog):
     cfg = tiny_config(tmp_path, shards, "train.max_steps=4")
     run(cfg)
@@ -215,6 +222,7 @@ def test_truncated_newest_checkpoint_is_named_and_skipped_for_the_previous_one(t
     _assert_same(straight, _weights(newest))
 
 
+@pytest.mark.slow  # trains
 def test_flipped_byte_fails_verification(tmp_path, shards):
     path = Path(run(tiny_config(tmp_path, shards, "train.max_steps=2"))["checkpoint"])
     data = bytearray(path.read_bytes())
@@ -224,7 +232,8 @@ def test_flipped_byte_fails_verification(tmp_path, shards):
         verify_checkpoint(path)
 
 
-# --- 7: resuming with a changed configuration ------------------------------------------------------------------
+# --- resuming with a changed configuration ------------------------------------------------------------------
+@pytest.mark.slow  # trains
 def test_resume_with_changed_recipe_or_architecture_is_refused_unless_allowed(tmp_path, shards, capsys):
     base = tiny_overrides(tmp_path, shards, "train.max_steps=2")
     assert main(["train", "--profile", "demo", *set_args(base)]) == 0
@@ -249,7 +258,7 @@ def test_resume_with_changed_recipe_or_architecture_is_refused_unless_allowed(tm
     assert {g["lr"] for g in ckpt["optD"]["param_groups"]} == {0.0008}
 
 
-# --- 7: bad input, one line each, nothing written ----------------------------------------------------------------
+# --- bad input, one line each, nothing written ----------------------------------------------------------------
 def _download_args(tmp_path: Path, url_list: Path) -> list[str]:
     return ["download", "--profile", "demo", "-S", "data.demo_images=0", "-S", f"data.url_list={url_list}", "-S", f"data.shards_dir={tmp_path / 'shards'}"]
 
@@ -309,7 +318,7 @@ def test_python_dash_m_galip_prints_usage_errors_like_the_script(argv):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Usage: galip" in out.stderr, out.stderr
 
 
-# --- 8: the served model's answers to bad requests -----------------------------------------------------------------
+# --- the served model's answers to bad requests -----------------------------------------------------------------
 BAD_REQUESTS = [  # (input columns, params, the reason in our message, the reason over HTTP if MLflow's schema check answers first)
     ({"prompt": ["a red circle"]}, {"n": 0}, "param n=0: need at least 1", None),
     ({"prompt": ["a red circle"]}, {"n": 100000}, "100000 images, more than the per-request limit=256", None),
@@ -333,7 +342,7 @@ def test_pyfunc_rejects_bad_requests_as_invalid_parameter_values(data, params, r
     assert err.value.get_http_status_code() == 400 and reason in err.value.message
 
 
-# --- 2: what redaction masks ---------------------------------------------------------------------------------
+# --- what redaction masks ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text, shown",
     [

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from galip.ops import kube
 from galip.cli import main as cli_main
 from galip.config import Config, load_config
+from galip.telemetry import TELEMETRY_OFF
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -676,13 +677,12 @@ def test_dockerfile_matches_pod_specs(cfg):
     assert re.search(rf"^WORKDIR {re.escape(cfg.kube.workdir)}$", text, re.M)
     assert re.search(r"^USER 1000:1000$", text, re.M)
     assert "pip install -r requirements.lock" in text
+    for key, value in TELEMETRY_OFF.items():  # the cluster's processes run with telemetry off, as make's do
+        assert re.search(rf"^\s+{key}={value}\b", text, re.M), key
 
 
 def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Kubernetes (infra/)")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+    return (INFRA / "README.md").read_text()  # the walkthrough from an empty cluster
 
 
 def test_readme_walks_to_the_cc12m_deployment(cfg):

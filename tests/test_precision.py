@@ -182,7 +182,7 @@ def test_device_script_runs_its_cpu_parts(tmp_path):
 
 
 def test_readme_speed_tables_match_the_result_files():
-    """The README's numbers are rendered from bench/results by bench/speed_table.py, never typed in."""
+    """bench/README.md's numbers are rendered from bench/results by bench/speed_table.py, never typed in."""
     sys.path.insert(0, str(ROOT / "bench"))
     import speed_table
 
@@ -194,6 +194,14 @@ def test_readme_demo_sweep_table_matches_the_result_files():
     import demo_sweep
 
     assert demo_sweep.main(["--table", "--check"]) == 0, "run: python bench/demo_sweep.py --table"
+
+
+def test_readme_demo_results_match_the_result_files():
+    """The measured make demo in README.md, bench/README.md and docs/data.md is rendered from its files."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import demo_results
+
+    assert demo_results.main(["--check"]) == 0, "run: python bench/demo_results.py"
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""No credential reaches a store (issue 13): the flow runs with a password in MLFLOW_TRACKING_URI and a
+"""No credential reaches a store: the flow runs with a password in MLFLOW_TRACKING_URI and a
 secret key in the environment, then every place the project writes to is scanned for both: the
 Prefect server's database and home (flow-run logs, artifacts, events, states, results) and its API
 answers, the MLflow database (PostgreSQL) and artifact store (S3 on moto), the run's files, and the

@@ -137,3 +137,48 @@ def test_evaluation_during_training_keeps_and_picks_the_best_checkpoint(tmp_path
     kept = {p.name for p in list_checkpoints(tmp_path / "run/checkpoints")}
     assert f"ckpt_{best['step']:08d}.pt" in kept and "ckpt_00000006.pt" in kept  # the best survives keep=1
     assert resolve_checkpoint(cfg, None).name == f"ckpt_{best['step']:08d}.pt"
+
+
+@pytest.mark.slow
+def test_demo_model_overfits_one_fixed_batch():
+    """Learning at all, on the demo-sized model: 40 steps on one fixed batch of demo scenes. D's loss
+    falls as it learns to score that batch, and G moves its images towards the batch in the CLIP
+    embedding D reads. Measured (train.seed 0 and 1): loss_d 3.3 -> 1.6 and 5.3 -> 1.5 (first vs last 5
+    steps), fake-to-real cosine 0.72 -> 0.98 and 0.62 -> 0.99; the bars below leave wide margins."""
+    import numpy as np
+
+    from galip.config import load_config
+    from galip.data.demo_data import caption_for, render_scene, sample_attributes
+    from galip.train.distributed import DistEnv
+    from galip.train.trainer import Trainer
+
+    cfg = load_config("params.yaml", [], profile="demo")
+    trainer = Trainer.create(cfg, DistEnv(device=torch.device("cpu")))
+    rng = np.random.default_rng(cfg.train.seed)
+    scenes = [sample_attributes(rng) for _ in range(cfg.train.batch_size)]
+    pixels = np.stack([np.asarray(render_scene(a, cfg.data.crop_size, rng)) for a in scenes])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tokens = trainer.clip.tokenize([caption_for(a, rng) for a in scenes])
+    noise = torch.randn(len(scenes), cfg.model.nz, generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    def fake_to_real_cosine() -> float:
+        with torch.no_grad():
+            sent, _ = trainer.clip.encode_text(tokens)
+            _, fake_emb = trainer.clip_features(trainer.net_g(noise, sent))
+            _, real_emb = trainer.clip_features(images)
+        return torch.cosine_similarity(fake_emb, real_emb, dim=-1).mean().item()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # steps this small lose more to two threads waiting on a busy machine than they gain
+    try:
+        before = fake_to_real_cosine()
+        loss_d = []
+        for _ in range(40):
+            trainer.train_step([(images, tokens)])
+            loss_d.append(trainer.read_stats()["loss_d"])
+        after = fake_to_real_cosine()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.isfinite(loss_d))
+    assert np.mean(loss_d[-5:]) < 0.75 * np.mean(loss_d[:5]), loss_d
+    assert after > before + 0.1, (before, after)

@@ -159,7 +159,8 @@ def test_cc12m_in_miniature_through_the_flow_then_dvc_repro_then_traced_to_its_s
 
     # --- 4. a model version back to its data: run, commit, config, manifest; the shards fetched and verified --
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert lock["download"]["outs"][0]["md5"] == versions[dvc_run.info.run_id].tags["data.manifest_md5"]
+    manifest_out = {o["path"]: o for o in lock["download"]["outs"]}[cfg.data.manifest]
+    assert manifest_out["md5"] == versions[dvc_run.info.run_id].tags["data.manifest_md5"], "dvc.lock names the version's data"
     flow_version = versions[flow_run.info.run_id].version
     traced = json.loads(run([venv_bin("galip"), "trace", str(flow_version), "--manifest", "trace/manifest.json"], project, dvc_env))
     assert traced["run_id"] == flow_run.info.run_id and len(traced["git_commit"]) == 40

@@ -449,7 +449,7 @@ def _format_errors(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for valid keys)")
         elif e["type"] == "missing":
-            lines.append(f"  {key}: missing (every key must be set in params.yaml's base sections; the code has no defaults)")
+            lines.append(f"  {key}: missing (every key must be set in the params file: profiles/cc12m.yaml lists them all; the code has no defaults)")
         elif isinstance(e.get("input"), dict):  # a check across keys: the message names them
             lines.append(f"  {key + ': ' if key else ''}{msg}")
         else:

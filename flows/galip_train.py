@@ -370,7 +370,9 @@ def data_report(report: dict[str, Any]) -> str:
 def train_clip(params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str) -> str:
     """The CLIP weights the later stages load: trained on the shards (demo) or the pretrained ones, pinned."""
     run_stage("clip", params, cfg, mlflow_run_id, tracking_uri)
-    return cfg.clip_pretrain.out_path
+    # A new object, not the config's own string: Prefect draws an edge to every later task whose arguments
+    # hold an object a task returned, and every task gets the config.
+    return str(Path(cfg.clip_pretrain.out_path))
 
 
 # Training grids shown in the Prefect artifact (all of them are in MLflow, one image per sample step).

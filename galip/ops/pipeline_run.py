@@ -275,11 +275,11 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
     from ..errors import UserError
 
     owned = not os.environ.get("MLFLOW_RUN_ID")
-    run_file = _run_file(cfg)
-    new_dirs = [d for d in (run_file.parent, *run_file.parent.parents) if not d.exists()]
-    previous = run_file.read_bytes() if run_file.is_file() else None
     opened, status = False, None
     with unrecorded():  # bookkeeping: which run and where is not an input of the stage
+        run_file = _run_file(cfg)
+        new_dirs = [d for d in (run_file.parent, *run_file.parent.parents) if not d.exists()]
+        previous = run_file.read_bytes() if run_file.is_file() else None
         client = client_for(cfg)
         if owned:
             run_id = _reusable(cfg, client, stage)

@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -v --durations=15
+	$(PY) -m pytest -v --durations=15 -n 2
 
 test-fast: install
-	$(PY) -m pytest -v -m "not slow"
+	$(PY) -m pytest -v -m "not slow" -n 2
 
 # The pipeline on the embedded default: local Prefect server + worker, galip-train/demo, where to look.
 demo: install

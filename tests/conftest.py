@@ -10,6 +10,31 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """`make test` runs two xdist workers on a 2-core machine: most tests are bound by single-threaded work
+    (imports, servers, tiny models), so two at a time fill both cores. Each worker and everything it starts
+    then computes on one thread, so two busy tests do not fight over the cores with four."""
+    import os
+
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The longest tests (minutes each on 2 cores), started first so that neither worker ends on one of them.
+LONGEST_FIRST = ("test_production.py", "test_flow.py", "test_dvc_repro.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests, then the other slow ones, then the quick ones that fill the gaps."""
+
+    def rank(item) -> tuple[int, int]:
+        name = item.path.name
+        return (item.get_closest_marker("slow") is None, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_store_of_the_suite(tmp_path_factory, monkeypatch):
     """Stage commands log to MLflow (galip.ops.pipeline_run): in tests, to a store of the suite's own, never
@@ -212,7 +237,7 @@ def mlflow_server(postgres_server, s3_server, tmp_path_factory):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: http_ok(f"{url}/health"), 120, "mlflow server", proc, log)
+        wait_until(lambda: http_ok(f"{url}/health"), 300, "mlflow server", proc, log)
         yield url
     finally:
         stop_process(proc)
@@ -245,7 +270,7 @@ TINY_DEMO = {
     "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2, "separation_samples": 10},
     "model": {"ngf": 8, "ndf": 8, "code_channels": 8, "code_mid_channels": 8, "mapper_blocks": 1},
     "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 3,
-              "eval_every": 3, "eval_samples": 20},  # the in-training evaluation picks the registered checkpoint
+              "eval_every": 6, "eval_samples": 20},  # one in-training evaluation; it picks the registered checkpoint
     "eval": {"n_samples": 20, "batch_size": 10, "r_precision_candidates": 10, "grid_n": 2},
     "mlflow": {"gate_bar": 0.0},  # a 6-step model scores 0: let it pass the bar, so the run shows a promotion
 }
@@ -253,8 +278,6 @@ TINY_DEMO = {
 
 def make_tiny_project(dst: Path) -> Path:
     """A git checkout of this project's tracked files with a seconds-sized demo in params.yaml."""
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     files = _subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, files):

@@ -172,3 +172,19 @@ def test_experiments_open_as_model_training_and_keep_a_kind_set_by_hand(tmp_path
     client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
     ensure_experiment("made-elsewhere", uri)
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_stages_share_one_run_when_the_tracking_uri_carries_a_password(mlflow_server, tmp_path, monkeypatch):
+    """The run file keeps the tracking URI without its password; the next stage must still find the run
+    (production tracking URIs carry credentials; `dvc repro` runs each stage as its own process)."""
+    from galip.ops.pipeline_run import stage_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("http://", "http://galip:Zq%40Pw@"))  # the server ignores it
+    cfg = load_config("params.yaml", [f"train.out_dir={tmp_path / 'run'}", "mlflow.experiment=galip-run-file"], profile="demo")
+    runs = []
+    for stage in ("download", "clip"):  # failing stages: their runs stay open for the next stage, no records needed
+        with pytest.raises(RuntimeError), stage_run(cfg, stage) as run_id:
+            runs.append(run_id)
+            raise RuntimeError("stage body")
+    assert runs[0] == runs[1], "the second stage reopened the first stage's run"
+    assert "Zq%40Pw" not in (tmp_path / "run").joinpath("mlflow_run.json").read_text()

@@ -233,7 +233,9 @@ def _reusable(cfg: Config, client: Any, stage: str) -> str | None:
         return None
     try:
         state = json.loads(path.read_text())
-        if state.get("tracking_uri") != tracking_uri(cfg):
+        # the file holds the URI without its password (redact): compare like with like, or every stage
+        # of a pipeline whose tracking URI carries credentials would open a run of its own
+        if state.get("tracking_uri") != redact(tracking_uri(cfg)):
             return None
         run = client.get_run(state["run_id"])
     except Exception:  # noqa: BLE001 - unreadable file, deleted run, other store: a new run

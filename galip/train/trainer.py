@@ -433,14 +433,15 @@ class TrainLog:
 
 
 def _retry(cfg: Config) -> storage.Retry:
-    return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s)
+    return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s, cfg.train.storage_deadline_s)
 
 
 def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
     """Rank 0 picks the newest checkpoint, local or in ``train.checkpoint_uri``; every rank resumes from it.
 
     A local checkpoint that fails verification is moved aside for the one before it. When the store
-    does not answer (after ``train.storage_retries``) the local checkpoints decide, said in one line;
+    does not answer (within ``train.storage_retries`` and ``train.storage_deadline_s``) the local checkpoints
+    decide (or, with ``train.require_checkpoint_upload``, the run stops), said in one line;
     with none local the run stops, as it cannot tell what it would start over. A rank whose machine
     lacks the chosen file fetches it from the object store.
     """
@@ -457,6 +458,11 @@ def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
                     raise storage.StorageError(
                         f"{exc}. {ckpt_dir} holds no checkpoint, so the store decides where this run starts: "
                         "retry when it answers, or set train.checkpoint_uri to '' or a new prefix to start from step 0"
+                    ) from None
+                if cfg.train.require_checkpoint_upload:
+                    raise storage.StorageError(
+                        f"{exc}; train.require_checkpoint_upload is set, so this run does not go on from the local {local.name} "
+                        "while the store may hold newer checkpoints"
                     ) from None
                 log.warning("%s; going on from the local %s (the store may hold newer checkpoints)", exc, local.name)
         choice = [max(names, default="")]
@@ -549,7 +555,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     ckpt_dir = out_dir / "checkpoints"
     if env.is_main:
         remove_orphans(ckpt_dir)  # temp files of a write a kill interrupted (we hold the lock)
-    tracker = Tracker(enabled=env.is_main)
+    tracker = Tracker(enabled=env.is_main, settings=cfg.mlflow)
     trainer = Trainer.create(cfg, env, clip)
     start = _resume_point(cfg, ckpt_dir, env)
     if start is not None and not resume:

@@ -100,11 +100,6 @@ def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_p
     assert "train.require_checkpoint_upload is set, so this run does not go on from the local ckpt_00000004.pt" in line
     assert [p.name for p in list_checkpoints(tmp_path / "run/checkpoints")][-1] == "ckpt_00000004.pt"
 
-    # By config, a run whose newest checkpoint never reached the store fails (after its local checkpoint).
-    args = ["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path, shards, "train.max_steps=6", *dead, "train.require_checkpoint_upload=true"))]
-    assert main(args) == 2
-    assert [p.name for p in list_checkpoints(tmp_path / "run/checkpoints")][-1] == "ckpt_00000006.pt"
-
 
 def test_dead_store_without_local_checkpoint_stops_in_one_line(tmp_path, shards, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -172,6 +167,26 @@ def test_newer_remote_checkpoint_wins_over_the_local_one(tmp_path, shards, s3_bu
     result = run(tiny_config(tmp_path / "b", shards, "train.max_steps=4", *remote), resume=True)
     assert result["step"] == 4 and Path(result["checkpoint"]).name == "ckpt_00000004.pt"
     _assert_same(_weights(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _weights(result["checkpoint"]))
+
+
+@pytest.mark.slow  # trains
+def test_a_checkpoint_uri_belongs_to_one_run(tmp_path, shards, s3_bucket, capsys):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    remote = [f"train.checkpoint_uri=s3://{bucket}/runs/shared", f"data.s3_endpoint_url={endpoint}"]
+    run(tiny_config(tmp_path / "a", shards, "train.max_steps=2", *remote))  # run a: its first upload claims the prefix
+    run(tiny_config(tmp_path / "b", shards, "train.max_steps=2"))  # run b trains on its own, then points at a's store
+    capsys.readouterr()
+    args = ["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path / "b", shards, "train.max_steps=4", *remote))]
+    assert main(args) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert f"train.checkpoint_uri=s3://{bucket}/runs/shared holds the checkpoints of another run (written from {tmp_path / 'a/run'}" in line
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(keys) == ["runs/shared/ckpt_00000002.pt", "runs/shared/galip-owner.json"], "b uploaded nothing"
+    # The same run, resumed on another machine (no local checkpoints there), is accepted.
+    result = run(tiny_config(tmp_path / "c", shards, "train.max_steps=4", *remote), resume=True)
+    assert result["step"] == 4 and result["checkpoint_uploads"]["ok"] == 1
 
 
 # --- one writer per out_dir ----------------------------------------------------------------------------
@@ -371,6 +386,43 @@ def test_python_dash_m_galip_prints_usage_errors_like_the_script(argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "galip", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Usage: galip" in out.stderr, out.stderr
+
+
+# --- a flow run dies with its worker -------------------------------------------------------------------------
+FLOW_RUN = """
+import os, signal, subprocess, sys, time
+from flows.galip_train import _stop_with_worker, end_mlflow_run_if_running
+signal.signal(signal.SIGTERM, lambda *_: None)  # Prefect's engine turns SIGTERM into reporting, which may hang
+# the MLflow server is gone too: ending the run retries for minutes with MLflow's default settings
+_stop_with_worker([end_mlflow_run_if_running(sys.argv[1], "0123456789abcdef")])
+trainer = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print(os.getpid(), trainer.pid, flush=True)
+time.sleep(600)
+"""
+WORKER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)  # as Prefect's runner starts a flow run
+time.sleep(600)
+"""
+
+
+def test_a_flow_run_and_its_children_die_within_15_s_of_a_killed_worker(tmp_path):
+    import psutil
+
+    with black_hole() as mlflow_url:
+        env = {**os.environ, "PREFECT__FLOW_RUN_ID": "x", "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7"}
+        env.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, FLOW_RUN, mlflow_url], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        flow_run, trainer = (psutil.Process(int(pid)) for pid in worker.stdout.readline().split())
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker's whole group, as kill -9 of `make demo` leaves it
+            worker.wait()
+            t0 = time.monotonic()
+            _, alive = psutil.wait_procs([flow_run, trainer], timeout=15)
+            assert not alive, f"still running {time.monotonic() - t0:.0f} s after the worker: {[p.cmdline() for p in alive]}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(flow_run.pid, signal.SIGKILL)  # its own session: the group is the flow run's pid
 
 
 # --- the served model's answers to bad requests -----------------------------------------------------------------

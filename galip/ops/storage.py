@@ -132,3 +132,15 @@ def list_names(prefix_uri: str, endpoint_url: str = "", retry: Retry = Retry()) 
         return sorted(Path(p).name for p in retry.call("listing of", prefix_uri, lambda t: s3_filesystem(endpoint_url, t).ls(prefix, detail=False)))
     except FileNotFoundError:
         return []
+
+
+def read_text(uri: str, endpoint_url: str = "", retry: Retry = Retry()) -> str | None:
+    """A small object's text, or None when there is no such object."""
+    try:
+        return retry.call("read of", uri, lambda t: s3_filesystem(endpoint_url, t).cat_file(uri)).decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(uri: str, text: str, endpoint_url: str = "", retry: Retry = Retry()) -> None:
+    retry.call("write of", uri, lambda t: s3_filesystem(endpoint_url, t).pipe_file(uri, text.encode()))

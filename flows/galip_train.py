@@ -282,19 +282,28 @@ def embedded_image(path: Path, max_width: int = 1024) -> str:
     return f"![{path.name}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-# Time a flow run whose worker vanished gets to record its end (Prefect state, MLflow run) before it is killed.
-REPORT_GRACE_S = 30.0
+# Time a flow run whose worker vanished gets to record its end (Prefect state, MLflow run) before it is
+# killed, and the time its on_timeout calls get after that. With the 1 s poll, every process of the run is
+# gone within 13 s of its worker; flows.reap records what a killed run could not.
+REPORT_GRACE_S = 8.0
+ON_TIMEOUT_S = 4.0
 
 
-def _stop_with_worker(on_timeout: list[Callable[[], None]], interval_s: float = 2.0) -> None:
+def _stop_with_worker(on_timeout: list[Callable[[], None]], interval_s: float = 1.0) -> None:
     """A worker-launched flow run lives in its own process group, which a killed worker would leave
     behind (engine, dvc, torchrun, trainer). When the worker goes, SIGTERM our group: Prefect then
     marks the run Crashed and the MLflow run ends FAILED. Whatever is still running after
     REPORT_GRACE_S (reports retry for minutes when the server went down too) gets ``on_timeout``'s
-    calls, then SIGKILL; flows.reap records the Prefect state when the server is back."""
+    calls, bounded by ON_TIMEOUT_S (they talk to servers that may be gone), then SIGKILL; flows.reap
+    records the Prefect state when the server is back."""
     parent = os.getppid()
     if not os.environ.get("PREFECT__FLOW_RUN_ID") or parent == 1:
         return
+
+    def calls() -> None:
+        for call in on_timeout:
+            with contextlib.suppress(Exception):
+                call()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -302,9 +311,9 @@ def _stop_with_worker(on_timeout: list[Callable[[], None]], interval_s: float = 
         # Signal first: our stderr was a pipe to the dead worker, so writing to it may fail.
         os.killpg(os.getpgrp(), signal.SIGTERM)
         time.sleep(REPORT_GRACE_S)
-        for call in on_timeout:
-            with contextlib.suppress(Exception):
-                call()
+        last = threading.Thread(target=calls, name="on-timeout", daemon=True)
+        last.start()
+        last.join(ON_TIMEOUT_S)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="stop-with-worker", daemon=True).start()

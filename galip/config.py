@@ -73,7 +73,8 @@ _SECRET_NAME = re.compile(r"(?i)secret|token|passw|pwd|credential|api_?key|acces
 Folder = Annotated[str, AfterValidator(_folder)]
 Device = Annotated[str, AfterValidator(_device)]
 # numpy's generators take 32-bit seeds; torch's overflow past 2**64.
-Seed = Annotated[int, Field(ge=0, lt=2**32)]
+SEED_LIMIT = 2**32
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class DataConfig(_Section):
@@ -172,6 +173,9 @@ class TrainConfig(_Section):
     )
     storage_retries: int = Field(ge=0, description="retries of an object-store call before it counts as failed")
     storage_backoff_s: float = Field(ge=0, description="wait before the first retry; doubled for each further one")
+    storage_deadline_s: float = Field(
+        gt=0, description="longest one object-store call (tries, waits and timeouts) may take, e.g. listing checkpoints at --resume"
+    )
     sample_prompts: tuple[str, ...]
 
     eval_every: int = Field(ge=0, description="in-training evaluation every N steps (at the next checkpoint step); 0 = off")
@@ -316,6 +320,9 @@ class MlflowConfig(_Section):
     ui_url: str = Field(description="MLflow UI address for links; '' = the tracking URI when it is a server, else http://127.0.0.1:5000")
     challenger_alias: str
     champion_alias: str
+    request_retries: int = Field(ge=0, description="MLflow HTTP retries per logging call while training (MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
+    request_timeout_s: int = Field(gt=0, description="MLflow HTTP timeout per request while training (MLFLOW_HTTP_REQUEST_TIMEOUT wins)")
+    outage_backoff_s: float = Field(ge=0, description="after a failed logging call, leave the tracking server alone this long; the calls are replayed later")
 
 
 class FlowConfig(_Section):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,15 @@ def write_shards(
             caption = f"a {colour} square on the {side}" + (f", sample {i}" if unique else "")
             sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": caption})
     return out_dir
+
+
+@contextlib.contextmanager
+def black_hole():
+    """A loopback endpoint that accepts connections (the kernel's backlog does) and never answers; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def tiny_overrides(tmp: Path, shards: Path, *extra: str) -> list[str]:

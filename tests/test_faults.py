@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from galip.train.checkpoint import CheckpointError, list_checkpoints, load_check
 from galip.cli import main
 from galip.train.trainer import run
 
-from helpers import set_args, tiny_config, tiny_overrides, write_shards
+from helpers import black_hole, set_args, tiny_config, tiny_overrides, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRY = ["train.storage_retries=1", "train.storage_backoff_s=0.05"]
@@ -59,7 +60,7 @@ def dead_endpoint() -> str:
 
 # --- storage faults ---------------------------------------------------------------------------
 @pytest.mark.slow  # trains
-def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_path, shards, monkeypatch, caplog):
+def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_path, shards, monkeypatch, caplog, capsys):
     import mlflow
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -89,10 +90,15 @@ def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_p
     assert [m.value for m in history] == [1.0]
     monkeypatch.delenv("MLFLOW_RUN_ID")
 
-    # By config, a run whose newest checkpoint never reached the store fails (after its local checkpoint).
-    args = ["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path, shards, "train.max_steps=6", *dead, "train.require_checkpoint_upload=true"))]
-    assert main(args) == 2
-    assert [p.name for p in list_checkpoints(tmp_path / "run/checkpoints")][-1] == "ckpt_00000006.pt"
+    # With train.require_checkpoint_upload the local checkpoints do not decide while the store may hold newer ones.
+    with black_hole() as endpoint:
+        hole = ["train.checkpoint_uri=s3://galip-ckpt/runs/x", f"data.s3_endpoint_url={endpoint}", "train.storage_deadline_s=2"]
+        args = ["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path, shards, "train.max_steps=6", *hole, "train.require_checkpoint_upload=true"))]
+        capsys.readouterr()
+        assert main(args) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "train.require_checkpoint_upload is set, so this run does not go on from the local ckpt_00000004.pt" in line
+    assert [p.name for p in list_checkpoints(tmp_path / "run/checkpoints")][-1] == "ckpt_00000004.pt"
 
 
 def test_dead_store_without_local_checkpoint_stops_in_one_line(tmp_path, shards, capsys, monkeypatch):
@@ -103,6 +109,50 @@ def test_dead_store_without_local_checkpoint_stops_in_one_line(tmp_path, shards,
     (line,) = _error_lines(capsys.readouterr().err)
     assert "listing of s3://galip-ckpt/x failed 2 times" in line and "holds no checkpoint" in line
     assert not list_checkpoints(tmp_path / "run/checkpoints")
+
+
+def test_a_black_hole_store_call_ends_within_its_stated_bound(monkeypatch, caplog):
+    from galip.ops import storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1.0)  # the per-try bound, scaled down from 60 s
+    with black_hole() as endpoint, caplog.at_level(logging.WARNING, logger="galip.storage"):
+        retry = storage.Retry(retries=2, backoff_s=0.1)
+        assert retry.bound_s() == pytest.approx(3 * 1.0 + 0.1 + 0.2)
+        storage.s3_filesystem(endpoint)  # imports and botocore's service model: CPU time, not waiting
+        t0 = time.monotonic()
+        with pytest.raises(storage.StorageError, match="listing of s3://galip-ckpt/x failed 3 times"):
+            storage.list_names("s3://galip-ckpt/x", endpoint, retry)
+        took = time.monotonic() - t0
+        assert retry.bound_s() - 0.5 < took < retry.bound_s() + 30, "plus per-try client set-up on a busy machine"
+        said = [r.getMessage() for r in caplog.records]
+        # With a deadline the whole call ends within it, retries left or not.
+        t0 = time.monotonic()
+        with pytest.raises(storage.StorageError, match="listing of s3://galip-ckpt/x failed"):
+            storage.list_names("s3://galip-ckpt/x", endpoint, storage.Retry(retries=5, backoff_s=0.1, deadline_s=1.5))
+        assert time.monotonic() - t0 < 1.5 + 30, "plus per-try client set-up on a busy machine"
+    assert len(said) == 1, "one line at the first failure, not one per retry"
+    assert "did not succeed" in said[0] and "retrying up to 2 more time(s), for at most 2 s more" in said[0]  # 2 x 1 s + 0.1 + 0.2
+
+
+def test_resume_against_a_black_hole_store_is_bounded_by_the_storage_deadline(tmp_path, shards, capsys, caplog, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with black_hole() as endpoint:
+        # default retries (3, backoff 1 s) and timeouts: without the deadline this listing took 255 s
+        overrides = tiny_overrides(tmp_path, shards, "train.max_steps=2", "train.checkpoint_uri=s3://galip-ckpt/x",
+                                   f"data.s3_endpoint_url={endpoint}", "train.storage_deadline_s=12")  # fmt: skip
+        assert main(["train", "--profile", "demo", "--resume", *set_args(overrides)]) == 2
+    err = capsys.readouterr().err
+    (line,) = _error_lines(err)
+    took = re.search(r"listing of s3://galip-ckpt/x failed \d times in (\d+) s", line)
+    assert took and "holds no checkpoint" in line, line
+    # the deadline, plus the store client's set-up (CPU) per try on a busy machine; 255 s without it
+    assert int(took[1]) < 60, line
+    (said,) = [r.getMessage() for r in caplog.records if "did not succeed" in r.getMessage()]
+    left = re.search(r"retrying up to 3 more time\(s\), for at most (\d+) s more", said)
+    assert left and int(left[1]) < 12, said  # what is left of the deadline
 
 
 @pytest.mark.slow  # trains
@@ -117,6 +167,26 @@ def test_newer_remote_checkpoint_wins_over_the_local_one(tmp_path, shards, s3_bu
     result = run(tiny_config(tmp_path / "b", shards, "train.max_steps=4", *remote), resume=True)
     assert result["step"] == 4 and Path(result["checkpoint"]).name == "ckpt_00000004.pt"
     _assert_same(_weights(tmp_path / "a/run/checkpoints/ckpt_00000004.pt"), _weights(result["checkpoint"]))
+
+
+@pytest.mark.slow  # trains
+def test_a_checkpoint_uri_belongs_to_one_run(tmp_path, shards, s3_bucket, capsys):
+    import boto3
+
+    endpoint, bucket = s3_bucket
+    remote = [f"train.checkpoint_uri=s3://{bucket}/runs/shared", f"data.s3_endpoint_url={endpoint}"]
+    run(tiny_config(tmp_path / "a", shards, "train.max_steps=2", *remote))  # run a: its first upload claims the prefix
+    run(tiny_config(tmp_path / "b", shards, "train.max_steps=2"))  # run b trains on its own, then points at a's store
+    capsys.readouterr()
+    args = ["train", "--profile", "demo", "--resume", *set_args(tiny_overrides(tmp_path / "b", shards, "train.max_steps=4", *remote))]
+    assert main(args) == 2
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert f"train.checkpoint_uri=s3://{bucket}/runs/shared holds the checkpoints of another run (written from {tmp_path / 'a/run'}" in line
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(keys) == ["runs/shared/ckpt_00000002.pt", "runs/shared/galip-owner.json"], "b uploaded nothing"
+    # The same run, resumed on another machine (no local checkpoints there), is accepted.
+    result = run(tiny_config(tmp_path / "c", shards, "train.max_steps=4", *remote), resume=True)
+    assert result["step"] == 4 and result["checkpoint_uploads"]["ok"] == 1
 
 
 # --- one writer per out_dir ----------------------------------------------------------------------------
@@ -318,6 +388,43 @@ def test_python_dash_m_galip_prints_usage_errors_like_the_script(argv):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Usage: galip" in out.stderr, out.stderr
 
 
+# --- a flow run dies with its worker -------------------------------------------------------------------------
+FLOW_RUN = """
+import os, signal, subprocess, sys, time
+from flows.galip_train import _stop_with_worker, end_mlflow_run_if_running
+signal.signal(signal.SIGTERM, lambda *_: None)  # Prefect's engine turns SIGTERM into reporting, which may hang
+# the MLflow server is gone too: ending the run retries for minutes with MLflow's default settings
+_stop_with_worker([end_mlflow_run_if_running(sys.argv[1], "0123456789abcdef")])
+trainer = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+print(os.getpid(), trainer.pid, flush=True)
+time.sleep(600)
+"""
+WORKER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)  # as Prefect's runner starts a flow run
+time.sleep(600)
+"""
+
+
+def test_a_flow_run_and_its_children_die_within_15_s_of_a_killed_worker(tmp_path):
+    import psutil
+
+    with black_hole() as mlflow_url:
+        env = {**os.environ, "PREFECT__FLOW_RUN_ID": "x", "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7"}
+        env.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, FLOW_RUN, mlflow_url], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        flow_run, trainer = (psutil.Process(int(pid)) for pid in worker.stdout.readline().split())
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)  # the worker's whole group, as kill -9 of `make demo` leaves it
+            worker.wait()
+            t0 = time.monotonic()
+            _, alive = psutil.wait_procs([flow_run, trainer], timeout=15)
+            assert not alive, f"still running {time.monotonic() - t0:.0f} s after the worker: {[p.cmdline() for p in alive]}"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(flow_run.pid, signal.SIGKILL)  # its own session: the group is the flow run's pid
+
+
 # --- the served model's answers to bad requests -----------------------------------------------------------------
 BAD_REQUESTS = [  # (input columns, params, the reason in our message, the reason over HTTP if MLflow's schema check answers first)
     ({"prompt": ["a red circle"]}, {"n": 0}, "param n=0: need at least 1", None),
@@ -327,6 +434,8 @@ BAD_REQUESTS = [  # (input columns, params, the reason in our message, the reaso
     ({"prompt": ["a red circle", None]}, {}, "prompt 2 of 2 is missing (null)", None),
     ({"text": ["a red circle"]}, {}, "input needs a string column 'prompt'", "Model is missing inputs ['prompt']"),
     ({"prompt": ["a red circle"]}, {"n": 1.5}, "param n=1.5: need an integer", "Can not safely convert"),
+    ({"prompt": ["a red circle"]}, {"seed": 2**64}, "param seed=18446744073709551616: need 0 <= seed < 4294967296", None),
+    ({"prompt": ["a red circle"]}, {"seed": -1}, "param seed=-1: need 0 <= seed < 4294967296", None),
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from ..config import SEED_LIMIT
 from ..errors import UserError
 
 PROMPT_COLUMN = "prompt"
@@ -114,6 +115,8 @@ class GalipTextToImage(mlflow.pyfunc.PythonModel):
             if isinstance(p[key], bool) or not isinstance(p[key], (int, float)) or int(p[key]) != p[key]:
                 raise UserError(f"param {key}={p[key]!r}: need an integer")
             values[key] = int(p[key])
+        if not 0 <= values["seed"] < SEED_LIMIT:  # torch and numpy generators take no more
+            raise UserError(f"param seed={values['seed']}: need 0 <= seed < {SEED_LIMIT} (2**32)")
         check_request(prompts, values["n"], MAX_IMAGES_PER_REQUEST, n_name="param n", max_name="the per-request limit")
         return prompts, values["n"], values["seed"]
 

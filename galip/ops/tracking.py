@@ -10,12 +10,17 @@ multi-day run). Every failure is counted; ``Tracker.report`` states the count at
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from ..config import flatten
+from ..config import MlflowConfig, flatten
 from .redact import redact
 
 log = logging.getLogger("galip.tracking")
@@ -43,6 +48,9 @@ EXPERIMENT_KIND = "custom_model_development"
 # MLflow 3.17's open-source UI takes the layout from its sidebar switch (GenAI / Machine learning,
 # GenAI until a user changes it) rather than from the tag; a link sets the switch with this query.
 UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+# Calls kept for replay during a tracking outage: a few MB of metric batches. Older ones are dropped
+# (and counted); their rows stay in train_log.csv.
+MAX_KEPT = 10_000
 
 
 def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
@@ -75,50 +83,134 @@ def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
 
 
 class Tracker:
-    """No-op unless enabled; every call is guarded so tracking never breaks the job, and counted."""
+    """No-op unless enabled. Logging runs on one background thread, so training never waits for the
+    tracking server; every call is guarded, so tracking never breaks the job.
 
-    def __init__(self, enabled: bool) -> None:
+    A tracking outage: the first failed call is reported once, then the server is left alone for
+    ``outage_backoff_s`` (calls in that time are not sent). Calls that were not logged are kept, with
+    their original timestamps, and replayed in order as soon as a call succeeds again (and once more at
+    the end of the run). What is still missing at the end is counted and reported; the rows are in
+    train_log.csv / eval_log.csv and the images in samples/ either way.
+
+    MLflow's own asynchronous logging (``synchronous=False``) is not used: it covers metrics, params and
+    tags but not the image artifacts, keeps an unbounded queue, and its exit hook waits out every queued
+    batch's HTTP retries against a dead server. Its HTTP settings are used: each request is bounded by
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``, set from ``mlflow.request_retries``
+    / ``mlflow.request_timeout_s`` for the tracker's lifetime unless the environment already sets them.
+    """
+
+    def __init__(self, enabled: bool, settings: MlflowConfig) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID", "") if enabled else ""
         self._client = None
         self.calls = 0
-        self.failures = 0
+        self.replayed = 0
+        self._dropped = 0
         self._first_failure = ""
+        self._backoff = settings.outage_backoff_s
+        self._paused_until = 0.0
+        self._missed: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._set_env: list[str] = []
         if self.run_id:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", settings.request_retries), ("MLFLOW_HTTP_REQUEST_TIMEOUT", settings.request_timeout_s)):
+                if name not in os.environ:
+                    self._set_env.append(name)
+                    os.environ[name] = str(value)
             from mlflow.tracking import MlflowClient
 
             # The run id comes from the environment (set by the flow), so does its store: an in-process
             # mlflow.set_tracking_uri (registry, a caller) must not send this run's logs elsewhere.
             self._client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or None)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="galip-mlflow")
 
     @property
     def active(self) -> bool:
         return self._client is not None
 
-    def _guard(self, what: str, fn, *args, **kwargs) -> None:
-        if self._client is None:
+    @property
+    def failures(self) -> int:
+        """Calls not logged (yet): failed, or not sent during an outage."""
+        return len(self._missed) + self._dropped
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        """Queue one logging call; the training thread returns at once."""
+        if self._pool is None:
             return
         self.calls += 1
+        self._pool.submit(self._attempt, what, fn)
+
+    def _attempt(self, what: str, fn: Callable[[], None]) -> None:
+        """On the logging thread: send one call (after any backlog), or keep it for later during an outage."""
+        with self._lock:
+            if time.monotonic() < self._paused_until or not self._replay() or not self._send(what, fn):
+                self._keep(what, fn)
+
+    def _send(self, what: str, fn: Callable[[], None]) -> bool:
         try:
-            fn(*args, **kwargs)
+            fn()
         except Exception as exc:  # noqa: BLE001 - counted and reported, never fatal
-            self.failures += 1
-            if self.failures == 1:
+            self._paused_until = time.monotonic() + self._backoff
+            if not self._first_failure:
                 self._first_failure = f"{what}: {type(exc).__name__}: {redact(str(exc))}"
-                log.warning("MLflow %s failed; training goes on, further failures are counted and reported at the end of the run", self._first_failure)
+                log.warning(
+                    "MLflow %s failed; training goes on without waiting for it: MLflow is tried again every %g s, "
+                    "and what is not logged meanwhile is replayed when it answers (the files in train.out_dir hold it all)",
+                    self._first_failure, self._backoff,
+                )  # fmt: skip
             else:
                 log.debug("MLflow %s failed (%s)", what, type(exc).__name__)
+            return False
+        return True
+
+    def _keep(self, what: str, fn: Callable[[], None]) -> None:
+        if len(self._missed) >= MAX_KEPT:
+            self._missed.popleft()
+            self._dropped += 1
+        self._missed.append((what, fn))
+
+    def _replay(self) -> bool:
+        """Send the calls that were not logged, oldest first; False (and paused) at the first failure."""
+        n = 0
+        while self._missed:
+            if not self._send(*self._missed[0]):
+                return False
+            self._missed.popleft()
+            n += 1
+        if n:
+            self.replayed += n
+            log.warning("MLflow answers again: %d call(s) not logged during the outage were replayed into run %s", n, self.run_id)
+        return True
+
+    def flush(self) -> None:
+        """Wait until every queued call was sent or set aside (bounded by the HTTP settings per call)."""
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()
 
     def report(self) -> int:
-        """End of run: the number of failed logging calls, as a log line and as the run's tag; returns it."""
-        if self._client is None:
+        """End of run: one last try to replay, then the number of calls not logged, as a log line and as
+        the run's tag; returns it. Ends the logging thread."""
+        if self._pool is None:
             return 0
-        self._guard("set_tag", self._client.set_tag, self.run_id, FAILURES_TAG, str(self.failures))
+        self.flush()
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        self.calls += 1
+        tag = functools.partial(self._client.set_tag, self.run_id, FAILURES_TAG)
+        with self._lock:
+            if not self._replay() or not self._send("set_tag", lambda: tag(str(self.failures))):
+                self._keep("set_tag", lambda: None)
+        for name in self._set_env:
+            os.environ.pop(name, None)
         if self.failures:
             log.warning(
-                "MLflow: %d of %d logging calls to run %s failed (first: %s); the MLflow run is incomplete, "
-                "the files in train.out_dir are the full record", self.failures, self.calls, self.run_id, self._first_failure,
+                "MLflow: %d of %d logging calls to run %s failed or were not sent (first failure: %s; %d replayed after an outage); "
+                "the MLflow run is incomplete, the files in train.out_dir are the full record",
+                self.failures, self.calls, self.run_id, self._first_failure, self.replayed,
             )  # fmt: skip
+        elif self.replayed:
+            log.info("MLflow: all %d logging calls to run %s logged, %d of them replayed after an outage", self.calls, self.run_id, self.replayed)
         else:
             log.info("MLflow: all %d logging calls to run %s succeeded", self.calls, self.run_id)
         return self.failures
@@ -130,20 +222,20 @@ class Tracker:
 
         flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
-            self._guard("log_params", self._client.log_batch, self.run_id, params=flat[i : i + 100])
+            self._guard("log_params", functools.partial(self._client.log_batch, self.run_id, params=flat[i : i + 100]))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._client is None:
             return
-        import time
-
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000)  # taken now: a replayed metric keeps when it was measured
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
-        self._guard("log_metrics", self._client.log_batch, self.run_id, metrics=batch)
+        self._guard("log_metrics", functools.partial(self._client.log_batch, self.run_id, metrics=batch))
 
     def log_image(self, path: Path, step: int, key: str = "samples") -> None:
+        if self._client is None:
+            return
         from PIL import Image
 
         def _log() -> None:
@@ -155,4 +247,4 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self._client is None:
             return
-        self._guard("log_artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._guard("log_artifact", functools.partial(self._client.log_artifact, self.run_id, str(path), artifact_path))

@@ -14,7 +14,9 @@ import csv
 import json
 import logging
 import math
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,6 +61,10 @@ class ConfigChangeError(UserError):
     """A resume whose configuration differs from the checkpoint's where it matters."""
 
 
+class StoreOwnedError(UserError):
+    """train.checkpoint_uri holds the checkpoints of another run."""
+
+
 class ExistingCheckpointsError(UserError, FileExistsError):
     """A run without --resume into a folder (or store) that already holds checkpoints."""
 
@@ -100,6 +106,9 @@ class Trainer:
     ema: GeneratorEMA | None = None
     step: int = 0
     origin: dict[str, Any] | None = None  # where the weights came from, if imported (galip import-reference)
+    # Which run the weights belong to: new at step 0, carried by every checkpoint, so a resume (on any
+    # machine) continues it. train.checkpoint_uri's owner record names one lineage.
+    lineage: str = ""
 
     def __post_init__(self) -> None:
         g, d, c = self.net_g, self.net_d, self.net_c
@@ -315,6 +324,7 @@ class Trainer:
             "noise_rng": noise_states,
             "rank_param_checksums": checksums,
         }
+        payload["lineage"] = self.lineage
         if self.origin:
             payload["origin"] = self.origin  # provenance of an imported model survives fine-tuning
         path = save_checkpoint(checkpoint_path(ckpt_dir, self.step), payload, keep=self.cfg.train.keep_checkpoints, protect=protect)
@@ -359,6 +369,7 @@ class Trainer:
             # A checkpoint from a run without EMA (or an import) starts the average from its weights.
             self.ema.model.load_state_dict(ckpt.get("netG_ema", ckpt["netG"]))
         self.origin = ckpt.get("origin")
+        self.lineage = ckpt.get("lineage", "")
         if "rng" in ckpt:
             restore_rng(ckpt["rng"])
         states = ckpt.get("noise_rng") or []
@@ -433,14 +444,15 @@ class TrainLog:
 
 
 def _retry(cfg: Config) -> storage.Retry:
-    return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s)
+    return storage.Retry(cfg.train.storage_retries, cfg.train.storage_backoff_s, cfg.train.storage_deadline_s)
 
 
 def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
     """Rank 0 picks the newest checkpoint, local or in ``train.checkpoint_uri``; every rank resumes from it.
 
     A local checkpoint that fails verification is moved aside for the one before it. When the store
-    does not answer (after ``train.storage_retries``) the local checkpoints decide, said in one line;
+    does not answer (within ``train.storage_retries`` and ``train.storage_deadline_s``) the local checkpoints
+    decide (or, with ``train.require_checkpoint_upload``, the run stops), said in one line;
     with none local the run stops, as it cannot tell what it would start over. A rank whose machine
     lacks the chosen file fetches it from the object store.
     """
@@ -458,6 +470,11 @@ def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
                         f"{exc}. {ckpt_dir} holds no checkpoint, so the store decides where this run starts: "
                         "retry when it answers, or set train.checkpoint_uri to '' or a new prefix to start from step 0"
                     ) from None
+                if cfg.train.require_checkpoint_upload:
+                    raise storage.StorageError(
+                        f"{exc}; train.require_checkpoint_upload is set, so this run does not go on from the local {local.name} "
+                        "while the store may hold newer checkpoints"
+                    ) from None
                 log.warning("%s; going on from the local %s (the store may hold newer checkpoints)", exc, local.name)
         choice = [max(names, default="")]
     if env.distributed:
@@ -472,6 +489,32 @@ def _resume_point(cfg: Config, ckpt_dir: Path, env: DistEnv) -> Path | None:
     return path
 
 
+OWNER_RECORD = "galip-owner.json"
+
+
+def _check_store_owner(cfg: Config, lineage: str, uploads: Uploads, claim: bool) -> None:
+    """The store's rule, like the out_dir lock's: one run per train.checkpoint_uri. Its first upload
+    writes an owner record naming the run's lineage; another lineage is refused in one line, a resume
+    of the same run (any machine) is accepted. Unreachable store: checked again at the next upload."""
+    uri = f"{cfg.train.checkpoint_uri.rstrip('/')}/{OWNER_RECORD}"
+    text = storage.read_text(uri, cfg.data.s3_endpoint_url, _retry(cfg))
+    if text is not None:
+        owner = json.loads(text)
+        if owner.get("lineage") != lineage:
+            raise StoreOwnedError(
+                f"train.checkpoint_uri={redact(cfg.train.checkpoint_uri)} holds the checkpoints of another run (written from "
+                f"{owner.get('out_dir')} on {owner.get('host')} since {owner.get('since')}); resume that run (--resume from its "
+                f"checkpoints), or set train.checkpoint_uri to a new prefix"
+            )
+    elif claim:
+        record = {"lineage": lineage, "out_dir": str(Path(cfg.train.out_dir).resolve()), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        storage.write_text(uri, json.dumps(record), cfg.data.s3_endpoint_url, _retry(cfg))
+    else:
+        return
+    uploads.owner_checked = True
+
+
 @dataclass
 class Uploads:
     """Checkpoint uploads to ``train.checkpoint_uri`` this run (rank 0)."""
@@ -480,12 +523,13 @@ class Uploads:
     failed: int = 0
     newest: str = ""  # the newest checkpoint written
     newest_stored: bool = False
+    owner_checked: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "failed": self.failed, "newest_in_store": self.newest_stored}
 
 
-def _publish(cfg: Config, path: Path, uploads: Uploads) -> None:
+def _publish(cfg: Config, path: Path, uploads: Uploads, lineage: str) -> None:
     """Upload a checkpoint after its atomic local write; a failed upload is counted and said in one line,
     and training goes on (the local copy exists)."""
     if not cfg.train.checkpoint_uri:
@@ -493,7 +537,11 @@ def _publish(cfg: Config, path: Path, uploads: Uploads) -> None:
     uri = f"{cfg.train.checkpoint_uri.rstrip('/')}/{path.name}"
     uploads.newest = path.name
     try:
+        if not uploads.owner_checked:
+            _check_store_owner(cfg, lineage, uploads, claim=True)
         storage.upload(path, uri, cfg.data.s3_endpoint_url, _retry(cfg))
+    except StoreOwnedError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the local checkpoint still exists; training goes on
         uploads.failed += 1
         uploads.newest_stored = False
@@ -549,7 +597,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     ckpt_dir = out_dir / "checkpoints"
     if env.is_main:
         remove_orphans(ckpt_dir)  # temp files of a write a kill interrupted (we hold the lock)
-    tracker = Tracker(enabled=env.is_main)
+    tracker = Tracker(enabled=env.is_main, settings=cfg.mlflow)
     trainer = Trainer.create(cfg, env, clip)
     start = _resume_point(cfg, ckpt_dir, env)
     if start is not None and not resume:
@@ -561,6 +609,11 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     if start is not None:
         trainer.load(start, allow_config_change)
         log.info("resumed from %s (step %d)", start, trainer.step)
+    trainer.lineage = trainer.lineage or uuid.uuid4().hex
+    uploads = Uploads()
+    if env.is_main and cfg.train.checkpoint_uri:
+        with contextlib.suppress(storage.StorageError):  # unreachable: the first upload checks
+            _check_store_owner(cfg, trainer.lineage, uploads, claim=False)
     if env.is_main:
         # Only now that the resume is accepted: a refused one leaves the config its checkpoints were trained with.
         (out_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -590,7 +643,6 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
         tracker.log_image(grid, 0)
     t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
-    uploads = Uploads()
     while trainer.step < max_steps:
         trainer.train_step([next(stream) for _ in range(t.grad_accum)])
         step = trainer.step
@@ -616,7 +668,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
             trainer.check_finite()  # never checkpoint weights that a NaN went through
             path = trainer.save(ckpt_dir, protect=best.checkpoint if best else None)
             if path is not None:
-                _publish(cfg, path, uploads)
+                _publish(cfg, path, uploads, trainer.lineage)
                 result["checkpoint"] = str(path)
             # The best checkpoint is what the flow registers, so evaluations run on checkpoint steps: the
             # first one at or after each eval_every boundary, and the last.

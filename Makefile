@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip uninstall -y -q dataclasses || true
 	touch $(STAMP)
 
+# Two workers (tests/conftest.py says why), then the tests that compare speeds, alone.
 test: install
-	$(PY) -m pytest -v --durations=15 -n 2
+	$(PY) -m pytest -v --durations=15 -n 2 -m "not alone"
+	$(PY) -m pytest -v -m alone
 
 test-fast: install
-	$(PY) -m pytest -v -m "not slow" -n 2
+	$(PY) -m pytest -v -m "not slow and not alone" -n 2
 
 # The pipeline on the embedded default: local Prefect server + worker, galip-train/demo, where to look.
 demo: install

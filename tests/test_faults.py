@@ -69,7 +69,7 @@ def test_dead_store_resume_uses_local_checkpoint_and_counts_failed_uploads(tmp_p
     run(tiny_config(tmp_path, shards, "train.max_steps=2"))  # local checkpoint at step 2, no store yet
 
     # The store goes down; the resume must not need it: it uses the local copy and says so in one line.
-    dead = [f"train.checkpoint_uri=s3://galip-ckpt/runs/x", f"data.s3_endpoint_url={dead_endpoint()}", *FAST_RETRY]
+    dead = ["train.checkpoint_uri=s3://galip-ckpt/runs/x", f"data.s3_endpoint_url={dead_endpoint()}", *FAST_RETRY]
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     mlflow.set_tracking_uri(tracking)

@@ -253,13 +253,13 @@ def _step_seconds(train_log: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow  # trains, starts an MLflow server
+@pytest.mark.alone  # step times before and after the kill: another test beside it would change them
 def test_training_speed_does_not_depend_on_a_tracking_server_killed_mid_run(tmp_path, monkeypatch):
     import os
     import signal
     import statistics
     import subprocess
     import sys
-    import time
 
     import mlflow
     from conftest import http_ok, start_process, stop_process, venv_bin, wait_until

@@ -414,7 +414,7 @@ def render(path: Path = OUT) -> str:
     return "\n".join(lines + [END])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", type=Path, default=REFERENCE)
     p.add_argument("--baseline", default="", help="root of another galip checkout, benched as a third side")
@@ -431,7 +431,7 @@ def main() -> int:
     p.add_argument("--table", action="store_true")
     p.add_argument("--check-table", action="store_true")
     p.add_argument("--worker", choices=["reference", "project"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.threads, args.reference)
         return 0

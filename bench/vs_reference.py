@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "bench" / "reference"
 OUT = ROOT / "bench" / "results" / "cpu_vs_reference.json"
+FIDELITY = ROOT / "bench" / "results" / "cpu_vs_reference_fidelity.json"
 BEGIN, END = "<!-- vs-reference:begin (bench/vs_reference.py --table) -->", "<!-- vs-reference:end -->"
 BATCH, REAL_SIZE, NZ, SIM_W = 4, 256, 100, 4.0
 PROMPTS = [f"a photo of object number {i}" for i in range(BATCH)]
@@ -276,7 +277,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
 
 
-def check(ref_dir: Path, dtype: torch.dtype = torch.float64, tol: float = 1e-12) -> int:
+def check(ref_dir: Path, dtype: torch.dtype = torch.float64, tol: float = 1e-12, out: Path | None = None) -> int:
     """Transplant our random weights into the reference's modules (galip's own export key map), then
     compare the CLIP views, NetG, NetD/NetC, the D loss with MA-GP and the G loss, and every parameter
     gradient of both phases, in float64 (or ``dtype``). Prints the largest relative difference of each; exit 1 above ``tol``."""
@@ -390,6 +391,10 @@ def check(ref_dir: Path, dtype: torch.dtype = torch.float64, tol: float = 1e-12)
         print(f"{k:<{width}}  max |diff| / max(1, max |ref|) = {v:.2e}")
     bad = [k for k, v in diffs.items() if not v <= tol]
     print(f"{'FAIL: ' + ', '.join(bad) if bad else 'all equal'} ({dtype}, tolerance {tol:g})")
+    if out is not None:
+        record = json.loads(out.read_text()) if out.exists() else {}
+        record[str(dtype).removeprefix("torch.")] = {"max_rel_diff": diffs, "tolerance": tol, "passed": not bad}
+        out.write_text(json.dumps(record, indent=1) + "\n")
     return 1 if bad else 0
 
 
@@ -411,6 +416,14 @@ def render(path: Path = OUT) -> str:
             ratios = ", ".join(f"{v:.2f}" for v in s.get("ratio_per_round", [])) or "-"
             lines.append(f"| {what} | {side} | {per_round} | {s['median_s']:.3f} | {s['min_s']:.3f} | {ratios} | "
                          f"{s.get('ratio_median', 1.0):.2f} | {s.get('ratio_min', 1.0):.2f} |")
+    if FIDELITY.exists():
+        fid = json.loads(FIDELITY.read_text())
+        dtypes = list(fid)
+        lines += ["", f"Fidelity (`python bench/vs_reference.py --check [--check-dtype float32]`, `{FIDELITY.relative_to(ROOT)}`): "
+                  "the same random weights in both codes; largest |ours - reference| / max(1, max |reference|):", "",
+                  "| compared | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
+        for name in fid[dtypes[0]]["max_rel_diff"]:
+            lines.append(f"| {name} | " + " | ".join(f"{fid[d]['max_rel_diff'][name]:.1e}" for d in dtypes) + " |")
     return "\n".join(lines + [END])
 
 
@@ -441,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return sync_block(BEGIN, END, render(), args.check_table, "python bench/vs_reference.py --table", BENCH_README)
     if args.check:
-        return check(args.reference, getattr(torch, args.check_dtype), args.tol)
+        return check(args.reference, getattr(torch, args.check_dtype), args.tol, FIDELITY)
     bench(args)
     return 0
 

@@ -138,8 +138,8 @@ class Trainer:
         net_g, net_d, net_c = (m.to(env.device) for m in build_nets(cfg.model, clip))
         betas = (t.beta1, t.beta2)
         # Fused Adam: one pass over each tensor instead of about ten (same maths; the last bit of a weight can
-        # round differently from the for-loop Adam). On CPU it took a ViT-B/32 step's update from ~15 % of the
-        # step to ~6 % (2.6x faster on the 83 M trainable parameters).
+        # round differently from the for-loop Adam). On CPU a ViT-B/32 step's update went from ~0.3 s of for-loop
+        # kernels to ~0.09 s (torch.profiler; bench/README.md, "Against the reference code").
         fused = env.device.type in ("cuda", "cpu")
         opt_g = torch.optim.Adam(net_g.parameters(), lr=t.lr_g, betas=betas, fused=fused)
         opt_d = torch.optim.Adam([*net_d.parameters(), *net_c.parameters()], lr=t.lr_d, betas=betas, fused=fused)

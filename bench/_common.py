@@ -22,6 +22,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("-S", "--set", action="append", default=[], help="params override, e.g. -S model.image_size=128")
+    p.add_argument("--label", default="", help="what sets this run apart from others in its result file (e.g. the commit)")
     return p
 
 
@@ -60,7 +61,7 @@ def report(name: str, cfg: Config, batch: int, device: torch.device, times: list
         "sec_per_iter": round(mean, 4),
         "sec_per_iter_min": round(min(times), 4),
         "images_per_s": round(batch / mean, 2),
-        **extra,
+        **{k: v for k, v in extra.items() if k != "label" or v},
     }
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -45,6 +45,7 @@ def _cpu_row(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str] | None:
     if bench in ("train_step", "generate"):
         what = f"{bench}: {r['clip_model']} {r['image_size']} px, batch {r['batch']}, {r['precision']}"
         what += f", ngf {r['ngf']}" if "ngf" in r else ""
+        what += f", {r['label']}" if r.get("label") else ""
         return what, (f"{r['images_per_s']} img/s", f"{r['sec_per_iter']} s/iter"), _cpu_machine(r)
     if bench == "loader":
         return f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}", (f"{r['images_per_s']} img/s",), _cpu_machine(r)

@@ -29,7 +29,7 @@ def main() -> None:
     prompts = [f"a photo of object number {i}" for i in range(batch)]
     tokens = trainer.clip.tokenize(prompts).to(device)
     times = timed(lambda: trainer.train_step([(images, tokens)]), args.iters, args.warmup, device)
-    report("train_step", cfg, batch, device, times, real_image_size=size, compile=cfg.train.compile, ngf=cfg.model.ngf)
+    report("train_step", cfg, batch, device, times, real_image_size=size, compile=cfg.train.compile, ngf=cfg.model.ngf, label=args.label)
 
 
 if __name__ == "__main__":

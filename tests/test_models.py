@@ -96,13 +96,14 @@ def test_image_features_match_open_clip(tiny):
     assert torch.allclose(emb, ref, atol=1e-5)
     # features are the raw patch tokens after the chosen blocks, in NCHW, class token dropped
     v = clip.visual
+    assert not v.transformer.batch_first  # FrozenCLIP runs the towers in OpenAI CLIP's [seq, batch, width] layout
     with torch.no_grad():
-        tokens = v._embeds(clip.to_clip_input(x))
+        tokens = v._embeds(clip.to_clip_input(x)).transpose(0, 1)
         for i, blk in enumerate(v.transformer.resblocks):
             tokens = blk(tokens)
             if i == clip.feature_blocks[-1]:
                 break
-    expect = tokens[:, 1:].transpose(1, 2).reshape(2, 128, 8, 8)
+    expect = tokens.transpose(0, 1)[:, 1:].transpose(1, 2).reshape(2, 128, 8, 8)
     assert torch.allclose(feats[:, -1], expect, atol=1e-5)
 
 

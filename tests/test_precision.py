@@ -204,6 +204,13 @@ def test_readme_demo_results_match_the_result_files():
     assert demo_results.main(["--check"]) == 0, "run: python bench/demo_results.py"
 
 
+def test_readme_vs_reference_table_matches_the_result_file():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import vs_reference
+
+    assert vs_reference.main(["--table", "--check-table"]) == 0, "run: python bench/vs_reference.py --table"
+
+
 @pytest.mark.slow
 def test_demo_sweep_runs_variants_side_by_side(tmp_path, shards):
     """bench/demo_sweep.py: real training processes, one per variant, each evaluated in training; the

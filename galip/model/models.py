@@ -37,7 +37,9 @@ class Affine(nn.Module):
         nn.init.zeros_(self.fc_beta.linear2.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.fc_gamma(c)[:, :, None, None] * x + self.fc_beta(c)[:, :, None, None]
+        # The sum is taken in place on the fresh product (mul's backward needs its inputs, not its output):
+        # the same two roundings as gamma * x + beta, one full-size tensor fewer.
+        return torch.mul(self.fc_gamma(c)[:, :, None, None], x).add_(self.fc_beta(c)[:, :, None, None])
 
 
 class DFBlock(nn.Module):
@@ -49,8 +51,10 @@ class DFBlock(nn.Module):
         self.affine1 = Affine(cond_dim, channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.affine0(x, c), 0.2)
-        return F.leaky_relu(self.affine1(x, c), 0.2)
+        # In place, as in the reference: on CPU the out-of-place activations' memory traffic and allocations
+        # cost ~10 % of a NetG forward. The affine outputs are fresh tensors no one else holds.
+        x = F.leaky_relu(self.affine0(x, c), 0.2, inplace=True)
+        return F.leaky_relu(self.affine1(x, c), 0.2, inplace=True)
 
 
 class MBlock(nn.Module):
@@ -132,7 +136,7 @@ class NetG(nn.Module):
         self.fc_prompt = nn.Linear(cond_dim, dims.width * self.n_prompts)
         self.conv_mapped = nn.Conv2d(dims.width, plan[0][0], 5, 1, 2)
         self.g_blocks = nn.ModuleList([GBlock(cond_dim, i, o, s) for i, o, s in plan])
-        self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(plan[-1][1], 3, 3, 1, 1))
+        self.to_rgb = nn.Sequential(nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(plan[-1][1], 3, 3, 1, 1))
 
     def forward(self, noise: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
         """Images in (unclamped) [-1, 1] range, [B, 3, image_size, image_size]."""
@@ -143,6 +147,11 @@ class NetG(nn.Module):
         fused = self.conv_fuse(x)
         prompts = self.fc_prompt(cond).view(-1, self.n_prompts, self.clip_width)
         x = self.conv_mapped(fused + 0.1 * self.clip.map_bridge(fused, prompts))
+        if x.device.type == "cpu":
+            # oneDNN's CPU convolutions work channels-last; fed NCHW they reorder every activation in and out.
+            # The G blocks (the step's largest convolutions) then run 1.1-1.2x faster forward and backward.
+            # Same maths; the accumulation order, and so the last bit of a float32 result, may differ.
+            x = x.contiguous(memory_format=torch.channels_last)
         for block in self.g_blocks:
             x = block(x, cond)
         return self.to_rgb(x)
@@ -160,9 +169,9 @@ class DBlock(nn.Module):
         super().__init__()
         self.conv_r = nn.Sequential(
             nn.Conv2d(fin, fout, 3, 1, 1, bias=False),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(fout, fout, 3, 1, 1, bias=False),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
         )
         self.conv_s = nn.Conv2d(fin, fout, 1)
         self.learned_shortcut = fin != fout
@@ -208,7 +217,7 @@ class NetC(nn.Module):
         k2 = min(4, dims.grid - k1 + 1)
         self.joint_conv = nn.Sequential(
             nn.Conv2d(cfg.ndf * 8 + dims.embed_dim, cfg.ndf * 2, k1, 1, 0, bias=False),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(cfg.ndf * 2, 1, k2, 1, 0, bias=False),
         )
 

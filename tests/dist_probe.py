@@ -1,4 +1,4 @@
-"""Run under torchrun: each rank reads one non-resampled pass of the loader; rank 0 writes who saw what."""
+"""Run under torchrun: each rank reads one pass of the training stream (non-resampled); rank 0 writes who saw what."""
 
 import json
 import sys
@@ -6,18 +6,18 @@ import sys
 import torch.distributed as dist
 
 from galip.model.clip import load_clip
-from galip.data.loader import build_loader
+from galip.data.loader import StreamPlan, training_stream
 from galip.train.distributed import cleanup, init_distributed
 from helpers import tiny_config
 from pathlib import Path
 
 
-def main(tmp: str, shards: str, out: str) -> None:
+def main(tmp: str, shards: str, out: str, batches: str) -> None:
     env = init_distributed("cpu")
     cfg = tiny_config(Path(tmp), Path(shards), "data.resampled=false", "data.workers=1")
     tokenizer = load_clip("galip-tiny").tokenizer
-    loader, _ = build_loader(cfg.data, tokenizer, 4, seed=0, rank=env.rank, world_size=env.world_size)
-    seen = [c for batch in loader for c in batch[2]]
+    stream, _ = training_stream(cfg.data, tokenizer, 4, seed=0, plan=StreamPlan(0, 1000), rank=env.rank, world_size=env.world_size)
+    seen = [c for _ in range(int(batches)) for c in next(stream)[2]]
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, seen)
     if env.rank == 0:
@@ -26,4 +26,4 @@ def main(tmp: str, shards: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -64,7 +64,7 @@ def test_two_processes_keep_identical_replicas(tmp_path, shards):
 def test_ranks_see_disjoint_data(tmp_path, shards):
     out = tmp_path / "seen.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(TESTS / "dist_probe.py"), str(tmp_path), str(shards), str(out)]
+           str(TESTS / "dist_probe.py"), str(tmp_path), str(shards), str(out), "4"]  # 4 batches of 4: one pass of 16 per rank
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen0, seen1 = json.loads(out.read_text())

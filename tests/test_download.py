@@ -72,17 +72,21 @@ def test_shards_and_manifest_agree(downloaded):
 
 
 @pytest.mark.slow
-def test_loader_reads_the_downloaded_shards(downloaded):
+def test_training_stream_reads_the_downloaded_shards(downloaded):
     from galip.model.clip import load_clip
-    from galip.data.loader import build_loader
+    from galip.data.loader import StreamPlan, training_stream
     from galip.data.demo_data import parse_caption
 
-    _, cfg, _ = downloaded
+    root, cfg, _ = downloaded
     data = cfg.data.model_copy(update={"resampled": False, "workers": 0})
-    loader, stats = build_loader(data, load_clip("galip-tiny").tokenizer, 10, seed=0)
-    batches = list(loader)
-    captions = [c for _, _, caps in batches for c in caps]
-    assert len(captions) == N_IMAGES and stats.skipped == 0
+    stream, stats = training_stream(data, load_clip("galip-tiny").tokenizer, 10, seed=0, plan=StreamPlan(0, 1000))
+    batches = [next(stream) for _ in range(N_IMAGES // 10 + 1)]  # one pass and the first batch of the next
+    captions = [c for _, _, caps in batches[:-1] for c in caps]
+    in_tars = []
+    for shard in sorted((root / "demo/shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            in_tars += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert len(in_tars) == N_IMAGES and sorted(captions) == sorted(in_tars) and stats.skipped == 0  # each once
     assert all(parse_caption(c) for c in captions)  # demo captions survive the round trip intact
     assert batches[0][0].shape == (10, 3, cfg.data.crop_size, cfg.data.crop_size)
 

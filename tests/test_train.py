@@ -182,3 +182,24 @@ def test_demo_model_overfits_one_fixed_batch():
     assert all(np.isfinite(loss_d))
     assert np.mean(loss_d[-5:]) < 0.75 * np.mean(loss_d[:5]), loss_d
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_colour(tmp_path):
+    """The demo recipe teaches G the colour its prompts state. bench/demo_learns.py runs the demo pipeline
+    shrunk to minutes: 1200 generated scenes downloaded, the tiny CLIP trained on them for 4 epochs, 300
+    GALIP steps, prompt_fidelity on 200 samples. Measured with seeds 0, 1, 2
+    (bench/results/cpu_demo_learns.jsonl): held-in colour 69, 58, 73 %, held-out colour 92, 90, 90 %
+    (chance 25 %). Shape, position, size and count are still near chance at 300 steps (held-in 14-74 %
+    against 20-50 % chance), so only colour is asserted. The bars sit 18 and 30 points below the weakest
+    seed and well above chance."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from demo_learns import run as run_demo
+
+    result = run_demo(tmp_path, seed=0)
+    m = result["metrics"]
+    assert m["prompt_fidelity_held_in_colour"] >= 40, result
+    assert m["prompt_fidelity_held_out_colour"] >= 60, result

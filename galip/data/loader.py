@@ -1,7 +1,8 @@
 """Training data: webdataset shards -> augmented images in [-1, 1] + tokenised captions.
 
-A pipeline of webdataset stages (open_clip / StyleGAN-T style): shard list (resampled, or split by
-node and by worker) -> tar members -> shuffle buffer -> decode + reference augmentation + one random
+One pipeline, ``training_stream``: what the trainer reads is what the tests and bench/loader.py read.
+A list of webdataset stages (open_clip / StyleGAN-T style): shard list (resampled, or split by rank
+and by worker) -> tar members -> shuffle buffer -> decode + reference augmentation + one random
 caption -> tokenise -> batch. Corrupt samples are skipped and counted, never a crash or a silent drop:
 each DataLoader worker counts what it skipped and the counts ride along with its batches to the
 main process, where ``LoaderStats`` sums them.
@@ -38,15 +39,16 @@ class ShardSplitError(UserError, ValueError):
 
 @dataclass
 class LoaderStats:
-    """Skipped-sample counts summed over DataLoader workers and epochs.
+    """Skipped-sample counts summed over DataLoader workers.
 
-    Each worker's counts are cumulative within a pass, so the latest per (epoch, worker) is kept.
+    Each worker's counts are cumulative over the run and ride along with its batches, so the latest
+    per worker is kept: skips after a worker's newest batch show up with its next one.
     """
 
-    per_worker: dict[tuple[int, int], Counter] = field(default_factory=dict)
+    per_worker: dict[int, Counter] = field(default_factory=dict)
 
-    def update(self, epoch: int, worker: int, counts: dict[str, int]) -> None:
-        self.per_worker[(epoch, worker)] = Counter(counts)
+    def update(self, worker: int, counts: dict[str, int]) -> None:
+        self.per_worker[worker] = Counter(counts)
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -186,19 +188,9 @@ def _caption(sample: dict[str, Any], rng: random.Random) -> str | None:
     return None
 
 
-def _worker_identity(rank: int | None, worker: int | None) -> tuple[int, int]:
-    """(rank, worker) given explicitly (the training stream), else as torch/torchrun report them."""
-    from webdataset.utils import pytorch_worker_info
-
-    env_rank, _, env_worker, _ = pytorch_worker_info()
-    return (env_rank if rank is None else rank), (env_worker if worker is None else worker)
-
-
 def _prepare(
-    src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _SkipCounter, seed: int,
-    rank: int | None = None, worker: int | None = None,
+    src: Iterator[dict], data_cfg: DataConfig, tokenizer, counter: _SkipCounter, seed: int, rank: int, worker: int
 ) -> Iterator[tuple]:
-    rank, worker = _worker_identity(rank, worker)
     rng = random.Random(seed * 7_919 + rank * 131 + worker)
     for sample in src:
         caption = _caption(sample, rng)
@@ -220,85 +212,27 @@ def _prepare(
         yield image, tokenizer([caption])[0], caption
 
 
-def _shuffle(src: Iterator, bufsize: int, seed: int, rank: int | None = None, worker: int | None = None) -> Iterator:
-    """Seeded shuffle buffer (webdataset's default seeds from pid + time, which breaks exact resume)."""
-    if bufsize <= 1:
-        yield from src
-        return
-    rank, worker = _worker_identity(rank, worker)
-    rng = random.Random(seed * 104_729 + rank * 1_009 + worker)
-    buf: list = []
-    for item in src:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        k = rng.randrange(len(buf))
-        buf[k], item = item, buf[k]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
-_END = "__end_of_worker_stream__"
-
-
-def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter, per_pass: bool = True) -> Iterator[tuple]:
-    from webdataset.utils import pytorch_worker_info
-
-    _, _, worker, _ = pytorch_worker_info()
-    if per_pass:  # without workers the counter lives on in the main process between epochs
-        counter.counts.clear()
+def _batch(src: Iterator[tuple], batch_size: int, counter: _SkipCounter) -> Iterator[tuple]:
     items: list[tuple] = []
     for item in src:
         items.append(item)
         if len(items) == batch_size:
             images, tokens, captions = zip(*items)
             batch = torch.from_numpy(np.stack([im.numpy() for im in images]))  # numpy: see augment()
-            yield batch, torch.stack(tokens), list(captions), worker, dict(counter.counts)
+            yield batch, torch.stack(tokens), list(captions)
             items = []
     # A partial last batch is dropped (batches must stack; every rank must take equal steps), but
-    # counted; a final marker carries the counts made after this worker's last batch.
+    # counted (webdataset's batched(partial=False) drops it silently).
     if items:
         counter.skip(PARTIAL_BATCH, len(items))
-    yield _END, None, None, worker, dict(counter.counts)
 
 
-# --- the loader ------------------------------------------------------------------------------------------
-class Loader:
-    """Iterable of (images, tokens, captions); updates ``stats`` as batches arrive.
-
-    Each ``iter()`` is one epoch: the non-resampled shard order is reshuffled per epoch. The epoch is
-    set here, in the main process, because DataLoader workers run on copies of the pipeline.
-    """
-
-    def __init__(self, dataloader: torch.utils.data.DataLoader, stats: LoaderStats, shard_order: _ShardOrder | None) -> None:
-        self.dataloader, self.stats, self.shard_order = dataloader, stats, shard_order
-        self.epoch = -1
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        self.epoch += 1
-        if self.shard_order is not None:
-            self.shard_order.epoch = self.epoch
-        for images, tokens, captions, worker, counts in self.dataloader:
-            self.stats.update(self.epoch, int(worker), counts)
-            if isinstance(images, str) and images == _END:
-                continue
-            yield images, tokens, captions
-
-
-class _ShardOrder(torch.utils.data.IterableDataset):
-    """Shard list in a seeded order that changes per epoch and is the same on every rank, so that
+def _shard_order(urls: list[str], seed: int, epoch: int) -> list[dict[str, str]]:
+    """The shard list in a seeded order that changes per pass and is the same on every rank, so that
     splitting it by rank and then by worker gives disjoint parts that cover every shard."""
-
-    def __init__(self, urls: list[str], seed: int) -> None:
-        super().__init__()
-        self.urls, self.seed, self.epoch = urls, seed, 0
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        order = list(self.urls)
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        for url in order:
-            yield {"url": url}
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [{"url": url} for url in order]
 
 
 def check_even_split(n_shards: int, world_size: int, workers: int) -> None:
@@ -309,63 +243,6 @@ def check_even_split(n_shards: int, world_size: int, workers: int) -> None:
             f"({parts} parts): ranks would take different numbers of steps and DDP would hang. Use "
             "data.resampled=true, or re-shard to a multiple of ranks x workers, or change data.workers."
         )
-
-
-def build_loader(
-    data_cfg: DataConfig,
-    tokenize: Callable[[Sequence[str]], torch.Tensor],
-    batch_size: int,
-    *,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shards: str | None = None,
-    epoch_samples: int = 0,
-) -> tuple[Loader, LoaderStats]:
-    """A DataLoader over the shards: endless with ``data.resampled``, else one pass split over ranks.
-
-    ``epoch_samples`` > 0 (resampled only) ends each ``iter()`` after that many samples over all
-    ranks, the same number of batches on every rank (webdataset's ``with_epoch``).
-    """
-    import webdataset as wds
-
-    urls = resolve_shards(data_cfg, shards)
-    if any(u.startswith("s3://") for u in urls):
-        _register_s3_gopen(data_cfg.s3_endpoint_url)
-    counter = _SkipCounter(data_cfg.max_skip_fraction)
-    shard_order = None
-    if data_cfg.resampled:
-        # Every rank and worker draws shards with replacement from its own seeded stream: no
-        # divisibility constraint and every rank takes the same number of steps.
-        source = [wds.ResampledShards(urls, seed=seed + rank * 1_000_003, deterministic=True)]
-    else:
-        if epoch_samples:
-            raise ValueError("epoch_samples needs data.resampled=true (a non-resampled epoch is one pass over the shards)")
-        check_even_split(len(urls), world_size, data_cfg.workers)
-        shard_order = _ShardOrder(urls, seed)
-        source = [shard_order, _split_by_rank(rank, world_size), wds.split_by_worker]
-    stages = [
-        *source,
-        wds.tarfile_to_samples(handler=counter.handler),
-        lambda src: _shuffle(src, data_cfg.shuffle_buffer, seed),
-        lambda src: _prepare(src, data_cfg, tokenize, counter, seed),
-        lambda src: _batch(src, batch_size, counter),
-    ]
-    pipeline = wds.DataPipeline(*stages)
-    if epoch_samples:
-        per_worker = world_size * batch_size * max(data_cfg.workers, 1)
-        pipeline = pipeline.with_epoch(nbatches=max(1, -(-epoch_samples // per_worker)))
-    dataloader = torch.utils.data.DataLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=data_cfg.workers,
-        # a dedicated generator: worker seeding must not consume (or depend on) the global RNG
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
-    stats = LoaderStats()
-    return Loader(dataloader, stats, shard_order), stats
 
 
 def _split_by_rank(rank: int, world_size: int):
@@ -429,7 +306,7 @@ class TrainingStream(torch.utils.data.IterableDataset):
             virtual = (worker - served + skip) % n_workers
             first = max(0, -(-(skip - virtual) // n_workers))  # virtual batch j is segment batch virtual + j * W
             stop = -(-(per_segment - virtual) // n_workers)
-            batches = self._virtual_pipeline(segment_seed(self.seed, self.rank, seg_start), virtual, n_workers, counter)
+            batches = self._virtual_pipeline(seg_start, virtual, n_workers, counter)
             try:
                 for images, tokens, captions in islice(batches, first, stop):
                     yield images, tokens, captions, worker, dict(counter.counts)
@@ -438,30 +315,37 @@ class TrainingStream(torch.utils.data.IterableDataset):
             served += per_segment - skip
             seg_start, skip = seg_start + plan.segment_steps, 0
 
-    def _virtual_pipeline(self, seed: int, virtual: int, n_virtual: int, counter: _SkipCounter) -> Iterator[tuple]:
+    def _virtual_pipeline(self, seg_start: int, virtual: int, n_virtual: int, counter: _SkipCounter) -> Iterator[tuple]:
         """Batches of one virtual worker, pass after pass (a non-resampled pass ends; the next begins)."""
         import webdataset as wds
 
         cfg, rank = self.data_cfg, self.rank
+        seed = segment_seed(self.seed, rank, seg_start)
+        # The shard order must not depend on the rank: each rank takes its slice of the same order.
+        order_seed = segment_seed(self.seed, 0, seg_start)
         for epoch in itertools.count():
-            if cfg.resampled:
-                source = [functools.partial(_resampled_urls, self.urls, seed * 1_000_003 + rank * 7_919 + virtual)]
-            else:
-                order = _ShardOrder(self.urls, seed)
-                order.epoch = epoch
-                source = [order, _split_by_rank(rank, self.world_size), _split_by_rank(virtual, n_virtual)]
             pass_seed = seed + epoch * 104_723
+            if cfg.resampled:
+                # Shards drawn with replacement; seeded by the virtual worker (webdataset's default
+                # worker_seed is the DataLoader worker's, which would not survive a change of workers).
+                worker_seed = functools.partial(int, seed * 1_000_003 + rank * 7_919 + virtual)
+                source = [wds.ResampledShards(self.urls, worker_seed=worker_seed, deterministic=True)]
+            else:
+                source = [
+                    functools.partial(_shard_order, self.urls, order_seed, epoch),
+                    _split_by_rank(rank, self.world_size),
+                    _split_by_rank(virtual, n_virtual),
+                ]
+            shuffle = [wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=pass_seed * 104_729 + rank * 1_009 + virtual)]
             pipeline = wds.DataPipeline(
                 *source,
                 wds.tarfile_to_samples(handler=counter.handler),
-                lambda src: _shuffle(src, cfg.shuffle_buffer, pass_seed, rank, virtual),
+                *(shuffle if cfg.shuffle_buffer > 1 else []),
                 lambda src: _prepare(src, cfg, self.tokenize, counter, pass_seed, rank, virtual),
-                lambda src: _batch(src, self.batch_size, counter, per_pass=False),
+                lambda src: _batch(src, self.batch_size, counter),
             )
             produced = False
-            for images, tokens, captions, _, _ in pipeline:
-                if isinstance(images, str) and images == _END:
-                    continue
+            for images, tokens, captions in pipeline:
                 produced = True
                 yield images, tokens, captions
             if not produced:
@@ -469,14 +353,6 @@ class TrainingStream(torch.utils.data.IterableDataset):
                     f"a full pass over {len(self.urls)} shard(s) gave no usable batch of {self.batch_size} "
                     f"(skipped: {dict(counter.counts)}); check data.shards_dir and the data report"
                 )
-
-
-def _resampled_urls(urls: list[str], seed: int) -> Iterator[dict[str, str]]:
-    # Shards drawn with replacement from a seeded stream (webdataset's ResampledShards seeds from the
-    # DataLoader worker, but here the virtual worker decides).
-    rng = random.Random(seed)
-    while True:
-        yield {"url": rng.choice(urls)}
 
 
 def training_shards(data_cfg: DataConfig, world_size: int) -> list[str]:
@@ -496,8 +372,8 @@ def training_stream(
     plan: StreamPlan,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], LoaderStats]:
-    """Endless (images, tokens) micro-batches for the trainer from one DataLoader that lives as long
+) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]], LoaderStats]:
+    """Endless (images, tokens, captions) micro-batches for the trainer from one DataLoader that lives as long
     as the run; ``LoaderStats`` counts what its workers skipped (cumulative per worker)."""
     urls = training_shards(data_cfg, world_size)
     if any(u.startswith("s3://") for u in urls):
@@ -512,9 +388,9 @@ def training_stream(
     )
     stats = LoaderStats()
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, tokens, _captions, worker, counts in loader:
-            stats.update(0, int(worker), counts)
-            yield images, tokens
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        for images, tokens, captions, worker, counts in loader:
+            stats.update(int(worker), counts)
+            yield images, tokens, captions
 
     return batches(), stats

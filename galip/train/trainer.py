@@ -646,7 +646,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
     while trainer.step < max_steps:
-        trainer.train_step([next(stream) for _ in range(t.grad_accum)])
+        trainer.train_step([next(stream)[:2] for _ in range(t.grad_accum)])
         step = trainer.step
         bar.update(1)
         last = step == max_steps

@@ -22,15 +22,15 @@ def pytest_configure(config):
 
 
 # The longest tests (minutes each on 2 cores), started first so that neither worker ends on one of them.
-LONGEST_FIRST = ("test_production.py", "test_flow.py", "test_dvc_repro.py")
+LONGEST_FIRST = ("test_production.py", "test_flow.py", "test_demo_recipe_learns_colour", "test_dvc_repro.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest tests, then the other slow ones, then the quick ones that fill the gaps."""
 
     def rank(item) -> tuple[int, int]:
-        name = item.path.name
-        return (item.get_closest_marker("slow") is None, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+        longest = [i for i, name in enumerate(LONGEST_FIRST) if name in (item.path.name, item.originalname)]
+        return (item.get_closest_marker("slow") is None, longest[0] if longest else len(LONGEST_FIRST))
 
     items.sort(key=rank)
 

@@ -336,7 +336,8 @@ def preflight(params: GalipTrainParams, cfg: Config) -> str | State:
 
     problems = missing_prerequisites(cfg)
     if problems:
-        message = f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems)
+        # returned, not raised: redacted here, as redacted_errors does for exceptions
+        message = redact(f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems))
         get_run_logger().error(message)
         missing = ", ".join(p.split(":", 1)[0] for p in problems)  # each problem starts with what it is about
         return Failed(name=f"Preflight failed: {missing} missing", message=message)

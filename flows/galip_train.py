@@ -45,6 +45,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.runtime import deployment, flow_run
+from prefect.states import Failed, State
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from galip.config import Config, ConfigError, load_config, load_tree
@@ -335,13 +336,20 @@ def end_mlflow_run_if_running(tracking_uri: str, run_id: str) -> Callable[[], No
 # ---------------------------------------------------------------------------------------------
 @task(name="preflight")
 @redacted_errors
-def preflight(params: GalipTrainParams, cfg: Config) -> str:
-    """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later."""
+def preflight(params: GalipTrainParams, cfg: Config) -> str | State:
+    """Fail at once, naming every missing prerequisite (GPUs, CLIP weights, data list), instead of later.
+
+    A Failed state, not an exception: its name says what is missing, and `prefect deployment run --watch`
+    prints a run's state name as its last line (not the message); no traceback buries the list in the log."""
     from galip.ops.preflight import missing_prerequisites
 
     problems = missing_prerequisites(cfg)
     if problems:
-        raise RuntimeError(f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems))
+        # returned, not raised: redacted here, as redacted_errors does for exceptions
+        message = redact(f"galip-train/{params.profile} cannot run on this machine:\n- " + "\n- ".join(problems))
+        get_run_logger().error(message)
+        missing = ", ".join(p.split(":", 1)[0] for p in problems)  # each problem starts with what it is about
+        return Failed(name=f"Preflight failed: {missing} missing", message=message)
     summary = f"preflight ok: profile {params.profile}, {'dvc repro stages' if params.uses_dvc(cfg) else 'direct stages'}"
     get_run_logger().info(summary)
     return summary
@@ -505,13 +513,16 @@ def prefect_tags(cfg: Config, flow_run_url: str) -> dict[str, str]:
 
 @flow(name="galip-train", log_prints=True)
 @redacted_errors
-def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any]:
+def galip_train(params: GalipTrainParams = GalipTrainParams()) -> dict[str, Any] | State:
     """Download, CLIP, train GALIP, evaluate, register and gate; one MLflow run for all of it."""
     on_timeout: list[Callable[[], None]] = []
     _stop_with_worker(on_timeout)
     logger = get_run_logger()
     cfg = params.config()
-    checked = preflight(params, cfg)
+    checked = preflight(params, cfg, return_state=True)
+    if checked.is_failed():  # the flow run ends in the preflight's state: its name is the CLI's last line
+        return Failed(name=checked.name, message=checked.message)
+    checked = checked.result()
     uri = tracking_uri(cfg)
     client = mlflow_client(uri)
     flow_run_url = flow_run.ui_url if flow_run.id else ""

@@ -17,10 +17,20 @@ WHERE = {
     "stopped": "the UIs stopped with the demo: `make ui` serves both again at these addresses, `make stop` stops them",
     "ui": "`make ui`: both UIs and the local worker run until `make stop`",
 }
-# Prefect marks a deployment Ready while a worker polls its pool; the demo's worker may be gone.
+# Prefect marks a deployment Ready while a worker polls its pool; the demo's worker may be gone. A run that no
+# worker takes is failed by the pool's guard (flows/deploy_local.py no_worker_guard), named for the fix.
 READY = (
     "  deployments     Ready while the local worker polls pool galip-local (`make ui` and `make demo` start it);\n"
-    "                  Not Ready = no worker: a run then waits as Scheduled, later Late, until `make ui`"
+    "                  Not Ready = no worker: a run then goes Late and, half a minute later, fails in state\n"
+    "                  'No worker on galip-local: run make ui'"
+)
+
+
+# MLflow 3.17's UI has no server-side default for its GenAI / Model training switch: the page's
+# `workflowType` query, else the browser's choice (localStorage), else GenAI; the experiment tag is not read.
+MLFLOW_MODE = (
+    "                  (opens as Model training; the bare address opens GenAI pages until you click\n"
+    "                  'Model training' at the top of MLflow's sidebar once: the browser keeps that choice)"
 )
 
 
@@ -28,6 +38,7 @@ def main(argv: list[str]) -> int:
     from mlflow import MlflowClient
 
     from flows.galip_train import GalipTrainParams, Links, absolute_tracking_uri
+    from galip.ops.tracking import UI_WORKFLOW_QUERY
 
     if len(argv) != 3 or argv[2] not in WHERE:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
@@ -57,13 +68,13 @@ def main(argv: list[str]) -> int:
     lines += [f"  Prefect CLI     export PREFECT_API_URL={prefect_ui}/api   (then e.g. prefect deployment run galip-train/cc12m)", READY]
     if run is not None:
         links = Links(mlflow_ui=mlflow_ui, experiment_id=run.info.experiment_id, run_id=run.info.run_id)
-        lines += [f"  MLflow UI       {links.experiment_url}", f"    run           {links.run_url}"]
+        lines += [f"  MLflow UI       {links.experiment_url}", MLFLOW_MODE, f"    run           {links.run_url}"]
         if latest:
             tagged = ", ".join(f"{a}=v{v}" for a, v in sorted(aliases.items()))
             lines.append(f"    model         {links.model_version_url(name, latest.version)}  ({name} v{latest.version}; {tagged})")
             lines.append(f"  gate            {latest.tags.get('gate_decision', '')}")
     else:
-        lines.append(f"  MLflow UI       {mlflow_ui}")
+        lines += [f"  MLflow UI       {mlflow_ui}/#/experiments?{UI_WORKFLOW_QUERY}", MLFLOW_MODE]
     lines += [
         f"  sample grid     {(Path(cfg.eval.out_dir) / 'samples.png').resolve()}",
         f"  training grids  {(Path(cfg.train.out_dir) / 'samples').resolve()}/",

@@ -49,7 +49,11 @@ prefect_server_up() {  # exports PREFECT_API_URL and PREFECT_UI_URL of the runni
   if ! _alive "$PREFECT_HOME/server.pid"; then
     # The UI reads its API address from PREFECT_UI_API_URL (GET /ui-settings); both name this server.
     # The classic UI at the root too: the flow's links (prefect.runtime's ui_url) open classic pages.
-    PREFECT_UI_API_URL="$api" PREFECT_SERVER_UI_V2_ENABLED=false setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
+    # Logs streamed out (off by default): `prefect deployment run --watch` then prints the run's log lines,
+    # e.g. what a failed preflight found missing, not only its events.
+    PREFECT_UI_API_URL="$api" PREFECT_SERVER_UI_V2_ENABLED=false \
+    PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=true PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=true \
+      setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
       >"$PREFECT_HOME/server.log" 2>&1 </dev/null &
     echo $! >"$PREFECT_HOME/server.pid"; disown
     _wait_for 120 "Prefect server on port $port" _http_ok "$api/health"

@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 # Two workers (tests/conftest.py says why), then the tests that compare speeds, alone.
 test: install
-	$(PY) -m pytest -v --durations=15 -n 2 -m "not alone"
+	$(PY) -m pytest -v --durations=15 -n 2 --maxschedchunk 1 -m "not alone"
 	$(PY) -m pytest -v -m alone
 
 test-fast: install
-	$(PY) -m pytest -v -m "not slow and not alone" -n 2
+	$(PY) -m pytest -v -m "not slow and not alone" -n 2 --maxschedchunk 1
 
 # The pipeline on the embedded default: local Prefect server + worker, galip-train/demo, where to look.
 demo: install

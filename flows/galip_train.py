@@ -55,6 +55,9 @@ from galip.pipeline import STAGES, stage_command
 from galip.ops.redact import RedactFilter, redact, redact_every_log_record
 from galip.telemetry import TELEMETRY_OFF
 
+# The flow process talks to MLflow too (it owns the run): the same settings as the stages it starts.
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
 ROOT = Path.cwd()
 # tqdm redraws its bar with '\r'; forward at most one redraw per this many seconds to the run log.
 PROGRESS_EVERY_S = 15.0

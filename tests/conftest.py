@@ -22,7 +22,9 @@ def pytest_configure(config):
 
 
 # The longest tests (minutes each on 2 cores), started first so that neither worker ends on one of them.
-LONGEST_FIRST = ("test_production.py", "test_flow.py", "test_demo_recipe_learns_colour", "test_dvc_repro.py")
+# `make test` hands each worker two tests to begin with (--maxschedchunk 1), then one at a time: the
+# first worker starts with the first two of these, the second with the next two (similar sums).
+LONGEST_FIRST = ("test_production.py", "test_dvc_repro.py", "test_flow.py", "test_demo_recipe_learns_colour")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -103,7 +103,7 @@ def test_checkpoints_upload_to_s3_and_a_fresh_machine_resumes_from_there(tmp_pat
     import boto3
 
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
-    assert keys == ["runs/demo/ckpt_00000002.pt"]
+    assert keys == ["runs/demo/ckpt_00000002.pt", "runs/demo/galip-owner.json"], "the checkpoint and the prefix's owner record"
 
     # a new pod: empty local disk, same checkpoint_uri -> fetches step 2 and finishes bit-identically
     fresh = tiny_config(tmp_path / "c", shards, "train.max_steps=4", *remote)

@@ -211,6 +211,21 @@ def test_readme_vs_reference_table_matches_the_result_file():
     assert vs_reference.main(["--table", "--check-table"]) == 0, "run: python bench/vs_reference.py --table"
 
 
+def test_suite_time_table_matches_the_result_file_and_reads_a_pytest_log():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import suite_time
+
+    assert suite_time.main(["--check"]) == 0, "run: python bench/suite_time.py"
+    log = """============================= slowest 15 durations =============================
+283.30s call     tests/test_train.py::test_demo_recipe_learns_colour
+201.03s setup    tests/test_production.py::test_cc12m
+================= 324 passed, 1 failed, 17 warnings in 916.77s (0:15:16) =================
+====================== 1 passed, 325 deselected in 31.60s ======================"""
+    row = suite_time.parse_log(log)
+    assert row["passed"] == 325 and row["failed"] == 1 and row["suite_s"] == [916.77, 31.6]
+    assert row["slowest"][1] == [201.03, "setup", "test_production.py::test_cc12m"]
+
+
 @pytest.mark.slow
 def test_demo_sweep_runs_variants_side_by_side(tmp_path, shards):
     """bench/demo_sweep.py: real training processes, one per variant, each evaluated in training; the

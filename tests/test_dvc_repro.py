@@ -149,6 +149,7 @@ def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experimen
     assert run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["data.manifest_hash"]
     version = client.get_model_version("galip", "1")
     assert version.run_id == run.info.run_id and version.tags["data.manifest_md5"] == manifest_out["md5"]
+    assert version.tags["data.shards_dir"] == run.data.tags["data.shards_dir"] and "data.url_list" not in version.tags, "the data version, not every data.* config tag"
 
     assert "Running stage" not in dvc(tiny_project, "repro")
 

@@ -141,14 +141,15 @@ def test_training_against_a_dead_server_finishes_and_reports_the_count(tmp_path,
     assert f"{result['mlflow_failures']} of {result['mlflow_failures']} logging calls" in last
 
 
-def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys):
+def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys, tmp_path):
     from galip.ops.registry import RegistryError, log_model
 
     cfg = load_config("params.yaml", profile="demo")
     with pytest.raises(RegistryError, match=r"could not log the model \(MLflow at http://127\.0\.0\.1:\d+, run abc\).*no new version is registered"):
         log_model(cfg, tiny_checkpoint, "abc")
     # The CLI: one error line, exit code 2, no traceback.
-    assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc"]) == 2
+    # (eval.out_dir: not the checkout's, where a `make demo` leaves a metrics.json that register would read)
+    assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc", "-S", f"eval.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: could not log the model" in err and dead_tracking in err
 

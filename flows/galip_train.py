@@ -8,7 +8,7 @@ the commands run directly and the train stage resumes from the newest checkpoint
 With ``kube.nodes > 1`` the train task instead submits an Indexed Job (galip.ops.kube.train_job),
 streams pod 0's log and fails when the Job fails.
 
-The flow opens the pipeline's MLflow run (galip.ops.pipeline_run.open_run: the same params as any other
+The flow opens the pipeline's MLflow run (galip.ops.pipeline_run.open_run: the same config tags as any other
 entry point) and hands its id to every stage (``MLFLOW_RUN_ID``); each stage writes its own record
 there. The flow adds only what belongs to Prefect: artifacts (data report, grids, metrics, gate) and
 the links between the Prefect flow run and the MLflow run, both ways.

@@ -15,10 +15,14 @@ mkdir -p "$PREFECT_HOME"
 
 _alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-_wait_for() {  # _wait_for SECONDS WHAT CMD...
-  local deadline=$((SECONDS + $1)) what=$2; shift 2
+# _wait_for SECONDS WHAT PIDFILE CMD...: until CMD succeeds. Fails (callers add `|| return 1`: set -e does
+# not apply inside the `&&` lists of `make ui`) when the process died, at once, or after SECONDS, which is
+# generous because a server starting on a loaded 2-core machine took more than two minutes.
+_wait_for() {
+  local secs=$1 what=$2 pidfile=$3 deadline=$((SECONDS + $1)); shift 3
   until "$@" >/dev/null 2>&1; do
-    if ((SECONDS > deadline)); then echo "error: $what did not come up in time; see $PREFECT_HOME/*.log" >&2; return 1; fi
+    if ! _alive "$pidfile"; then echo "error: $what exited while starting; see $PREFECT_HOME/*.log" >&2; return 1; fi
+    if ((SECONDS > deadline)); then echo "error: $what did not come up in $secs s; see $PREFECT_HOME/*.log" >&2; return 1; fi
     sleep 1
   done
 }
@@ -56,7 +60,7 @@ prefect_server_up() {  # exports PREFECT_API_URL and PREFECT_UI_URL of the runni
       setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$port" \
       >"$PREFECT_HOME/server.log" 2>&1 </dev/null &
     echo $! >"$PREFECT_HOME/server.pid"; disown
-    _wait_for 120 "Prefect server on port $port" _http_ok "$api/health"
+    _wait_for 300 "Prefect server on port $port" "$PREFECT_HOME/server.pid" _http_ok "$api/health" || return 1
   fi
   # Without a worker, flow runs still marked running have lost their process: record that they crashed.
   _alive "$PREFECT_HOME/worker.pid" || "$PY" -m flows.reap "$GALIP_POOL" >>"$PREFECT_HOME/reap.log" 2>&1 \
@@ -83,7 +87,7 @@ mlflow_ui_up() {  # the MLflow UI on the embedded store (nothing to start when t
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server --backend-store-uri "$MLFLOW_STORE_URI" \
     --host 127.0.0.1 --port "$port" --workers 1 >"$PREFECT_HOME/mlflow.log" 2>&1 </dev/null &
   echo $! >"$PREFECT_HOME/mlflow.pid"; disown
-  _wait_for 120 "MLflow UI on port $port" _http_ok "$GALIP_MLFLOW_UI_URL/health"
+  _wait_for 300 "MLflow UI on port $port" "$PREFECT_HOME/mlflow.pid" _http_ok "$GALIP_MLFLOW_UI_URL/health" || return 1
 }
 
 prefect_worker_up() {
@@ -92,7 +96,7 @@ prefect_worker_up() {
   setsid "$BIN/prefect" worker start --pool "$GALIP_POOL" --type process --name "$GALIP_POOL-worker" \
     >"$PREFECT_HOME/worker.log" 2>&1 </dev/null &
   echo $! >"$PREFECT_HOME/worker.pid"; disown
-  _wait_for 90 "work pool $GALIP_POOL" "$BIN/prefect" work-pool inspect "$GALIP_POOL"
+  _wait_for 180 "work pool $GALIP_POOL" "$PREFECT_HOME/worker.pid" "$BIN/prefect" work-pool inspect "$GALIP_POOL" || return 1
 }
 
 deploy_local_cc12m() {  # galip-train/cc12m on the local pool: a run fails in preflight, naming what is missing

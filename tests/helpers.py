@@ -109,3 +109,16 @@ def eval_clip_checkpoint(path: Path, seed: int = 12345) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
     return path
+
+
+def run_config_tags(client, run) -> dict[str, str]:
+    """The MLflow run's config tags (galip.ops.pipeline_run.config_tags): its tags named as a key of its
+    config/resolved.yaml artifact. Each holds that key's value: no record tag overwrote one."""
+    import yaml
+
+    from galip.config import flatten
+
+    config = flatten(yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/resolved.yaml")).read_text()))
+    tags = {k: v for k, v in run.data.tags.items() if k in config}
+    assert tags == {k: str(config[k])[:6000] for k in tags}, "a config tag holds the config's value"
+    return tags

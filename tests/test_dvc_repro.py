@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TELEMETRY_OFF, venv_bin
+from helpers import run_config_tags
 
 from galip.config import SECTIONS, flatten, load_config, write_profile
 from galip.pipeline import STAGES, stage_command
@@ -148,6 +149,7 @@ def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experimen
     assert run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["data.manifest_hash"]
     version = client.get_model_version("galip", "1")
     assert version.run_id == run.info.run_id and version.tags["data.manifest_md5"] == manifest_out["md5"]
+    assert version.tags["data.shards_dir"] == run.data.tags["data.shards_dir"] and "data.url_list" not in version.tags, "the data version, not every data.* config tag"
 
     assert "Running stage" not in dvc(tiny_project, "repro")
 
@@ -156,10 +158,10 @@ def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experimen
     assert re.findall(r"Running stage '(\w+)'", exp) == ["train", "evaluate", "register"]
     assert yaml.safe_load((tiny_project / "runs/demo/config.yaml").read_text())["train"]["lr_g"] == pytest.approx(3e-4)
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-    assert len(runs) == 2 and runs[0].data.params["train.lr_g"] == "0.0003"
+    assert len(runs) == 2 and runs[0].data.tags["train.lr_g"] == "0.0003" and runs[0].data.params == runs[1].data.params == {}
     # the run the train stage opened got the upstream records too: the same lineage as the first
     assert runs[0].data.tags["data.manifest_md5"] == manifest_out["md5"] and runs[0].inputs.dataset_inputs
-    assert set(runs[0].data.params) == set(runs[1].data.params), "the same param keys"
+    assert set(run_config_tags(client, runs[0])) == set(run_config_tags(client, runs[1])), "the same config tags"
 
     # changing a key makes the stage that reads it and its downstream stale, no other
     for key, value, stages in [

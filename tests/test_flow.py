@@ -32,8 +32,8 @@ CHAIN = {
     "evaluate": {"train"},
     "register": {"evaluate"},
 }
-# Sections of the params a run logs (galip.ops.pipeline_run.run_params; the full config is an artifact).
-RUN_PARAM_SECTIONS = ("data.", "model.", "train.", "eval.", "clip_pretrain.", "mlflow.", "flow.")
+# Sections of the config tags a run carries (galip.ops.pipeline_run.config_tags; the full config is an artifact).
+RUN_CONFIG_SECTIONS = ("data.", "model.", "train.", "eval.", "clip_pretrain.", "mlflow.", "flow.")
 
 
 def prefect(project: Path, server: dict, *args: str, timeout: float = 480) -> subprocess.CompletedProcess:
@@ -101,16 +101,23 @@ def wait_for_process(needles: tuple[str, ...], timeout: float) -> psutil.Process
 
 
 def check_mlflow_run(mlrun, client, flow_run, server: dict) -> None:
-    """What the MLflow UI shows of the run: bounded params, dataset, links, source, images per step."""
-    params = mlrun.data.params
-    assert params["train.max_steps"] == "6" and mlrun.data.tags["data.manifest_hash"]
-    assert not [k for k in params if not k.startswith(RUN_PARAM_SECTIONS) and k not in ("profile", "world_size")], "only the stages' sections"
-    assert not [k for k in params if k.startswith("kube.")], "no settings of targets the run does not use"
+    """What the MLflow UI shows of the run: no params, config tags, dataset, links, source, images per step
+    and the newest grids first."""
+    from helpers import run_config_tags
+
+    # MLflow's image cards would print every param above the picture: the values are tags
+    assert mlrun.data.params == {}
+    tags = mlrun.data.tags
     assert "kube:" in Path(client.download_artifacts(mlrun.info.run_id, "config/resolved.yaml")).read_text(), "the full config is an artifact"
+    config_tags = run_config_tags(client, mlrun)
+    assert config_tags["train.max_steps"] == "6" and tags["profile"] == "demo" and tags["data.manifest_hash"]
+    assert not [k for k in config_tags if not k.startswith(RUN_CONFIG_SECTIONS) and k != "profile"], "only the stages' sections"
+    assert not [k for k in tags if k.startswith("kube.")], "no settings of targets the run does not use"
+    found = client.search_runs([mlrun.info.experiment_id], "tags.`train.max_steps` = '6'")
+    assert mlrun.info.run_id in [r.info.run_id for r in found], "a search by a config value"
     (dataset_input,) = mlrun.inputs.dataset_inputs
     assert dataset_input.dataset.digest == mlrun.data.tags["data.manifest_hash"]
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
-    tags = mlrun.data.tags
     ui = server["api"].removesuffix("/api")
     assert tags["prefect.flow_run_url"] == f"{ui}/flow-runs/flow-run/{flow_run.id}"
     assert tags["prefect.flow_run_url"] in tags["mlflow.note.content"], "the run's description links back to Prefect"
@@ -119,6 +126,16 @@ def check_mlflow_run(mlrun, client, flow_run, server: dict) -> None:
     images = [f.path for f in client.list_artifacts(mlrun.info.run_id, "images")]
     for step in (3, 6):
         assert any(f"samples+step+{step}+" in p for p in images), (step, images)
+    # The run page's first image cards (`newest/` sorts first, each card opens at step 0, of one step's
+    # images it shows the last listed): the newest training grid and the evaluation's grid.
+    def pngs(prefix: str) -> list[str]:
+        return sorted(p for p in images if p.startswith(f"images/{prefix}+") and p.endswith(".png"))
+
+    newest = pngs("newest~samples")
+    assert len(newest) == len(pngs("samples")) >= 3 and all("+step+0+" in p for p in newest), images
+    (last_grid,) = [p for p in pngs("samples") if "+step+6+" in p]
+    assert Path(client.download_artifacts(mlrun.info.run_id, newest[-1])).read_bytes() == Path(client.download_artifacts(mlrun.info.run_id, last_grid)).read_bytes()
+    assert len(pngs("newest~eval_samples")) == 1 and "+step+0+" in pngs("newest~eval_samples")[0]
 
 
 def test_demo_deployment_runs_end_to_end_killed_runs_leave_nothing_and_cc12m_fails_fast(prefect_server, tiny_project, monkeypatch):

@@ -34,18 +34,24 @@ def test_ui_ports_are_the_default_then_the_recorded_one(tmp_path):
     assert pick_port(tmp_path, "mlflow", 5000).stdout.strip() != "", "each UI has its own record"
 
 
-def test_run_params_are_the_recipe_and_what_differs_from_the_preset():
-    """Every entry point logs these same params (galip.ops.pipeline_run.run_params); the full config is an artifact."""
+def test_run_config_tags_are_the_recipe_and_what_differs_from_the_preset():
+    """Every entry point tags the run with these same config values (galip.ops.pipeline_run.config_tags;
+    the run has no MLflow params); the full config is an artifact. No tag a stage records later is named
+    as a config key, so none overwrites a config value."""
     from galip.config import flatten, load_config
-    from galip.ops.pipeline_run import KEY_PARAMS, run_params
+    from galip.ops.pipeline_run import CLIP_TAGS, DATA_SUMMARY_TAGS, DATA_VERSION_TAGS, RECIPE_KEYS, WORLD_SIZE_TAG, config_tags
+    from galip.ops.tracking import FAILURES_TAG
 
     cfg = load_config("params.yaml", profile="demo")
-    logged = run_params(cfg)
-    assert set(logged) == {"profile", "world_size", *KEY_PARAMS}, "params.yaml is the demo preset: only the recipe keys"
+    logged = config_tags(cfg)
+    assert set(logged) == {"profile", WORLD_SIZE_TAG, *RECIPE_KEYS}, "params.yaml is the demo preset: only the recipe keys"
     assert logged["train.max_steps"] == str(cfg.train.max_steps) and logged["profile"] == "demo"
-    assert len(logged) < len(flatten(cfg.to_dict())) / 3
-    changed = run_params(load_config("params.yaml", ["train.sim_w=2", "kube.nodes=2"], profile="demo"))
-    assert changed["train.sim_w"] == "2.0" and changed["kube.nodes"] == "2", "a changed key is always logged"
+    config = flatten(cfg.to_dict())
+    assert len(logged) < len(config) / 3
+    changed = config_tags(load_config("params.yaml", ["train.sim_w=2", "kube.nodes=2"], profile="demo"))
+    assert changed["train.sim_w"] == "2.0" and changed["kube.nodes"] == "2", "a changed key is always tagged"
+    records = {*DATA_VERSION_TAGS, *DATA_SUMMARY_TAGS.values(), *CLIP_TAGS, WORLD_SIZE_TAG, FAILURES_TAG, "galip.stages", "galip.profile"}
+    assert not records & {*config, *cfg.to_dict()}, "a record tag named as a config key would overwrite its value"
 
 
 def test_flow_parameters_reject_a_gate_metric_evaluation_does_not_report():

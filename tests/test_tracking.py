@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from PIL import Image
 
 from galip.cli import main
 from galip.config import load_config
@@ -133,21 +134,22 @@ def test_training_against_a_dead_server_finishes_and_reports_the_count(tmp_path,
     with caplog.at_level(logging.WARNING):
         result = run(tiny_config(tmp_path, shards, "train.max_steps=2"))
     assert result["step"] == 2 and (tmp_path / "run/checkpoints").is_dir()
-    # params, image at step 0, 2 x metrics, 1 x image at step 2, the end-of-run tag
+    # 2 x image at step 0 (history, newest), 2 x metrics, 2 x image for step 2, the end-of-run tag
     assert result["mlflow_failures"] >= 5
     first, last = _messages(caplog)
     assert "training goes on" in first
     assert f"{result['mlflow_failures']} of {result['mlflow_failures']} logging calls" in last
 
 
-def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys):
+def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_checkpoint, dead_tracking, capsys, tmp_path):
     from galip.ops.registry import RegistryError, log_model
 
     cfg = load_config("params.yaml", profile="demo")
     with pytest.raises(RegistryError, match=r"could not log the model \(MLflow at http://127\.0\.0\.1:\d+, run abc\).*no new version is registered"):
         log_model(cfg, tiny_checkpoint, "abc")
     # The CLI: one error line, exit code 2, no traceback.
-    assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc"]) == 2
+    # (eval.out_dir: not the checkout's, where a `make demo` leaves a metrics.json that register would read)
+    assert main(["register", "--profile", "demo", "--checkpoint", str(tiny_checkpoint), "--run-id", "abc", "-S", f"eval.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: could not log the model" in err and dead_tracking in err
 
@@ -163,7 +165,7 @@ def sqlite_tracking(tmp_path, monkeypatch) -> str:
     return uri
 
 
-def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking, monkeypatch):
+def test_in_training_estimates_are_train_eval_metrics_and_the_newest_grid_is_at_step_0(tmp_path, sqlite_tracking, monkeypatch):
     import mlflow
 
     client = mlflow.MlflowClient(sqlite_tracking)
@@ -175,6 +177,14 @@ def test_in_training_estimates_are_train_eval_metrics(tmp_path, sqlite_tracking,
     metrics = client.get_run(run_id).data.metrics
     assert "train_eval/fd_clip" in metrics and "fd_clip" not in metrics, "the bare name is the evaluation's number"
     assert [m.step for m in client.get_metric_history(run_id, "train_eval/fd_clip")] == [2]
+    # Grids at steps 0 and 2, each also under newest/samples at step 0, where MLflow's image card opens
+    # and shows the last one listed: the step-2 grid.
+    images = sorted(f.path for f in client.list_artifacts(run_id, "images") if f.path.endswith(".png"))
+    history = [p for p in images if p.startswith("images/samples+")]
+    newest = [p for p in images if p.startswith("images/newest~samples+step+0+")]
+    assert [p.split("+")[2] for p in history] == ["0", "2"] and len(newest) == len(images) - 2 == 2, images
+    with Image.open(tmp_path / "run/samples/step_00000002.png") as grid, Image.open(client.download_artifacts(run_id, newest[-1])) as shown:
+        assert shown.tobytes() == grid.convert(shown.mode).tobytes()
 
 
 def test_registered_version_carries_the_metric_under_its_own_name(tiny_checkpoint, tmp_path, sqlite_tracking):

@@ -10,7 +10,7 @@ belongs to Prefect). Otherwise the first stage that runs opens a run and writes 
 ``<train.out_dir>/mlflow_run.json``; the next stages log to it. A stage whose record that run already
 holds (a second ``dvc repro``, a ``dvc exp run`` that only re-trains) opens a new run, which first gets
 the records of the stages upstream of it from their output files: every run holds the whole lineage
-(params, data version, CLIP, training, evaluation, model).
+(config tags, data version, CLIP, training, evaluation, model).
 
 Only rank 0 talks to MLflow. A logging failure is reported and counted by the stage's own code where
 it streams (the trainer's Tracker); the record written here after a stage succeeded fails the stage
@@ -32,19 +32,33 @@ from typing import Any, Callable, Iterator
 from ..config import Config, flatten, unrecorded
 from ..pipeline import STAGES
 from .redact import redact
-from .tracking import ensure_experiment
+from .tracking import ensure_experiment, log_grid
 
 log = logging.getLogger("galip.pipeline_run")
 RUN_FILE = "mlflow_run.json"
 STAGES_TAG = "galip.stages"
-# The params shown on the run page: the recipe a reader compares runs by. Everything else is in the
-# config/resolved.yaml artifact, and every key that differs from the profile's preset is logged too.
-KEY_PARAMS = (
-    "data.url_list", "data.shards_dir", "data.image_size", "model.clip_model", "model.clip_pretrained", "model.image_size",
-    "model.ngf", "model.ndf", "train.batch_size", "train.max_steps", "train.lr_g", "train.lr_d", "train.beta1",
-    "train.beta2", "train.sim_w", "train.precision", "train.ema_decay", "train.seed", "eval.metrics", "eval.n_samples",
-    "mlflow.gate_metric", "mlflow.gate_bar",
+# The run carries no MLflow params: MLflow 3.17's image cards print every param of the run above the
+# picture (a per-browser card setting, on by default). The values the run used are tags named as in
+# params.yaml instead (`tags.`train.max_steps`` in a search, a column in the runs table): the recipe a
+# reader compares runs by, plus every key that differs from the profile's preset. The full config is
+# the config/resolved.yaml artifact.
+RECIPE_KEYS = (
+    "data.url_list", "data.shards_dir", "data.manifest", "data.image_size", "model.clip_model", "model.clip_pretrained",
+    "model.image_size", "model.ngf", "model.ndf", "train.batch_size", "train.max_steps", "train.lr_g", "train.lr_d",
+    "train.beta1", "train.beta2", "train.sim_w", "train.precision", "train.ema_decay", "train.seed", "eval.metrics",
+    "eval.n_samples", "mlflow.gate_metric", "mlflow.gate_bar",
 )
+WORLD_SIZE_TAG = "galip.world_size"
+# What the download and CLIP stages add as tags. None of these names is a config key (tests check), so a
+# record never overwrites a config value: the data's place is the config's data.shards_dir/data.manifest,
+# and the download's shard count is data.shards_written (data.shards is the config's shard spec).
+DATA_VERSION_TAGS = ("data.manifest_md5", "data.manifest_hash")
+DATA_SUMMARY_TAGS = {"successes": "data.successes", "failed": "data.failed", "success_rate": "data.success_rate",
+                     "images_per_s": "data.images_per_s", "shards": "data.shards_written"}  # report key -> tag
+CLIP_TAGS = ("clip.sha256", "clip.held_in_min_separation", "clip.held_out_min_separation")
+# Copied from the run to its registered model version: the data version (how a model finds its data
+# again, galip trace) and the data summary.
+MODEL_VERSION_DATA_TAGS = ("data.manifest", "data.shards_dir", *DATA_VERSION_TAGS, *DATA_SUMMARY_TAGS.values())
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -69,9 +83,9 @@ def world_size(cfg: Config) -> int:
     return cfg.kube.nodes * cfg.kube.gpus_per_node if cfg.kube.nodes > 1 else cfg.flow.nproc_per_node
 
 
-def run_params(cfg: Config) -> dict[str, str]:
-    """The run's params: ``profile``, ``world_size``, KEY_PARAMS and every key that differs from the
-    profile's preset; the same keys whichever entry point opened the run."""
+def config_tags(cfg: Config) -> dict[str, str]:
+    """The run's config tags: ``profile``, RECIPE_KEYS, every key that differs from the profile's preset,
+    and the world size; the same keys whichever entry point opened the run."""
     from ..config import preset_tree, resolve
 
     flat = flatten(cfg.to_dict())
@@ -79,8 +93,8 @@ def run_params(cfg: Config) -> dict[str, str]:
         preset = flatten(resolve(preset_tree(cfg.profile)).to_dict())
     except Exception:  # noqa: BLE001 - a profile without a preset here (a pod's resolved file): no diff
         preset = flat
-    keys = [k for k in KEY_PARAMS if k in flat] + sorted(k for k in flat if k not in KEY_PARAMS and preset.get(k) != flat[k])
-    return {"profile": cfg.profile, "world_size": str(world_size(cfg)), **{k: str(flat[k])[:6000] for k in keys}}
+    keys = [k for k in RECIPE_KEYS if k in flat] + sorted(k for k in flat if k not in RECIPE_KEYS and preset.get(k) != flat[k])
+    return {"profile": cfg.profile, **{k: str(flat[k])[:6000] for k in keys}, WORLD_SIZE_TAG: str(world_size(cfg))}
 
 
 def git_state() -> tuple[str, bool]:
@@ -94,23 +108,18 @@ def git_state() -> tuple[str, bool]:
 
 
 def open_run(cfg: Config, client: Any, run_name: str, tags: dict[str, str] | None = None) -> str:
-    """A new run in ``mlflow.experiment`` with the pipeline's params, tags and resolved config (as the
-    stages after clip run it, whichever stage or orchestrator opens the run)."""
-    from mlflow.entities import Param
-
+    """A new run in ``mlflow.experiment`` with the pipeline's config tags, other tags and resolved config
+    (as the stages after clip run it, whichever stage or orchestrator opens the run)."""
     from ..pipeline import pipeline_config
 
     cfg = pipeline_config(cfg)
     commit, dirty = git_state()
     all_tags = {
-        "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "galip.profile": cfg.profile,
+        **config_tags(cfg), "mlflow.source.git.commit": commit, "git.dirty": str(dirty), "galip.profile": cfg.profile,
         "mlflow.source.name": "galip pipeline (galip/pipeline.py)", "mlflow.source.type": "JOB", **(tags or {}),
     }  # fmt: skip
     run = client.create_run(ensure_experiment(cfg.mlflow.experiment, client.tracking_uri), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in run_params(cfg).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
     client.log_text(run_id, cfg.to_yaml(), "config/resolved.yaml")
     return run_id
 
@@ -128,7 +137,7 @@ def _record_download(cfg: Config, client: Any, run_id: str) -> None:
         client.log_artifact(run_id, path, "data")
     # Summaries of the data (and of the CLIP below) are tags, not metrics: MLflow's Metrics tab sorts named
     # sections before the unprefixed one, so data/* and clip/* bars would come before the training curves.
-    summary = {f"data.{k}": report[k] for k in ("successes", "failed", "success_rate", "images_per_s", "shards")}
+    summary = {tag: report[k] for k, tag in DATA_SUMMARY_TAGS.items()}
     for key, value in {**data_version_tags(cfg), **summary}.items():
         client.set_tag(run_id, key, str(value))
     table = pd.DataFrame(manifest["shards"], columns=["shard", "samples", "sha256", "bytes"])
@@ -141,28 +150,25 @@ def _record_download(cfg: Config, client: Any, run_id: str) -> None:
 
 
 def data_version_tags(cfg: Config) -> dict[str, str]:
-    """How a run finds its data again: the manifest's md5 (DVC's hash of it: `git log -S<md5> dvc.lock`
-    finds the commit), the hash of the shards' contents, and where the shards are."""
+    """How a run finds its data again, beside its config tags data.manifest and data.shards_dir: the
+    manifest's md5 (DVC's hash of it: `git log -S<md5> dvc.lock` finds the commit) and the hash of the
+    shards' contents."""
     from ..data.download import file_md5, manifest_hash
 
     manifest = json.loads(Path(cfg.data.manifest).read_text())
-    return {
-        "data.manifest": cfg.data.manifest,
-        "data.manifest_md5": file_md5(Path(cfg.data.manifest)),
-        "data.manifest_hash": manifest_hash(manifest),
-        "data.shards_dir": manifest["shards_dir"],
-    }
+    return dict(zip(DATA_VERSION_TAGS, (file_md5(Path(cfg.data.manifest)), manifest_hash(manifest)), strict=True))
 
 
 def _record_clip(cfg: Config, client: Any, run_id: str) -> None:
     report = json.loads(Path(cfg.clip_pretrain.report_path).read_text())
     client.log_artifact(run_id, cfg.clip_pretrain.report_path, "clip")
+    sha_tag, *separation_tags = CLIP_TAGS
     if "sha256" in report:
-        client.set_tag(run_id, "clip.sha256", report["sha256"])
+        client.set_tag(run_id, sha_tag, report["sha256"])
     separation = report.get("separation")
     if separation:  # two numbers on the run page (tags, as the data summary); the per-attribute table is report.json
-        for split in ("held_in", "held_out"):
-            client.set_tag(run_id, f"clip.{split}_min_separation", str(separation[split]["image_text"]["min"]))
+        for split, tag in zip(("held_in", "held_out"), separation_tags, strict=True):
+            client.set_tag(run_id, tag, str(separation[split]["image_text"]["min"]))
 
 
 def _record_train(cfg: Config, client: Any, run_id: str) -> None:
@@ -185,7 +191,7 @@ def _record_evaluate(cfg: Config, client: Any, run_id: str) -> None:
     if grid.is_file():
         client.log_artifact(run_id, str(grid), "eval")
         with Image.open(grid) as img:
-            client.log_image(run_id, img.copy(), key="eval_samples", step=step)
+            log_grid(client, run_id, img.copy(), "eval_samples", step)
 
 
 def _record_register(cfg: Config, client: Any, run_id: str) -> None:
@@ -330,7 +336,7 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
 
 
 def trace(cfg: Config, model_name: str, version: str, manifest_out: Path) -> dict[str, Any]:
-    """From a registered model version back to its code, params and data: the run, the git commit, the
+    """From a registered model version back to its code, config and data: the run, the git commit, the
     resolved config, the manifest (fetched from the run and checked against the recorded md5) and the
     commits whose dvc.lock records that manifest."""
     from ..data.download import file_md5

@@ -23,12 +23,12 @@ from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import MissingInputError, UserError
+from .pipeline_run import MODEL_VERSION_DATA_TAGS
 from .redact import redact
 
 # Versions registered before metric tags took the metrics.json name (`fid`) carry it as `gate.fid`.
 LEGACY_METRIC_TAG_PREFIX = "gate."
 ORIGIN_TAG_PREFIX = "origin."
-DATA_TAG_PREFIX = "data."
 # Runtime packages of the pyfunc; pinned to what this environment trained with.
 SERVING_PACKAGES = ("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "mlflow")
 
@@ -313,8 +313,9 @@ def register(
     if selection:
         client.set_model_version_tag(m.model_name, version, "checkpoint_selection", selection)
     for key, value in client.get_run(run_id).data.tags.items():
-        # origin.*: set by log_model for imported weights; data.*: the data version (galip.ops.pipeline_run)
-        if key.startswith((ORIGIN_TAG_PREFIX, DATA_TAG_PREFIX)):
+        # origin.*: set by log_model for imported weights; the data version and summary (not the run's other
+        # data.* config tags)
+        if key.startswith(ORIGIN_TAG_PREFIX) or key in MODEL_VERSION_DATA_TAGS:
             client.set_model_version_tag(m.model_name, version, key, value)
         elif key == "mlflow.source.git.commit":
             client.set_model_version_tag(m.model_name, version, "git.commit", value)

@@ -18,28 +18,17 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from ..config import MlflowConfig, flatten
+from ..config import MlflowConfig
 from .redact import redact
 
 log = logging.getLogger("galip.tracking")
 FAILURES_TAG = "galip.tracking_failures"
-# A metric keeps its metrics.json name (`fid`) in params, MLflow and tags; that name in a run is the
+# A metric keeps its metrics.json name (`fid`) in MLflow's metrics and the model version's tags; that name in a run is the
 # evaluation's number (what the gate reads). In-training estimates (train.eval_samples images, fewer
 # than eval.n_samples) are a different measurement and carry this prefix: `train_eval/fid`.
 TRAIN_EVAL_PREFIX = "train_eval/"
-
-# Config sections each stage reads. A run logs these as MLflow params (its full resolved config is an
-# artifact), so the run page lists what shaped the run, not every setting of every deployment target.
-STAGE_SECTIONS = {
-    "download": ("data",),
-    "clip": ("data", "model", "clip_pretrain"),
-    "train": ("data", "model", "train"),
-    "evaluate": ("model", "train", "eval"),
-    "register": ("mlflow",),
-}
-
 
 # MLflow 3's UI shows an experiment either as GenAI work (traces, token costs) or as model training;
 # this experiment tag says which, with the UI's own value for model training.
@@ -48,9 +37,22 @@ EXPERIMENT_KIND = "custom_model_development"
 # MLflow 3.17's open-source UI takes the layout from its sidebar switch (GenAI / Machine learning,
 # GenAI until a user changes it) rather than from the tag; a link sets the switch with this query.
 UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+# MLflow 3.17's run page opens every image card at step 0, and lists the image cards of `prefix/` keys
+# in sections that come before the unprefixed metrics and images. So each grid also goes in at step 0
+# under this prefix (`newest/samples`, `newest/eval_samples`): the first cards a user sees show the
+# newest grids. The unprefixed key keeps the per-step history for the card's slider. Of several images
+# at one step the card shows the last one listed, and the artifact listing sorts the files by their
+# timestamped names: the newest.
+NEWEST_IMAGE_PREFIX = "newest/"
 # Calls kept for replay during a tracking outage: a few MB of metric batches. Older ones are dropped
 # (and counted); their rows stay in train_log.csv.
 MAX_KEPT = 10_000
+
+
+def log_grid(client: Any, run_id: str, image: Any, key: str, step: int) -> None:
+    """One sample grid (a PIL image): at ``step`` under ``key``, and at step 0 under the newest-grid key."""
+    client.log_image(run_id, image, key=key, step=step)
+    client.log_image(run_id, image, key=NEWEST_IMAGE_PREFIX + key, step=0)
 
 
 def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
@@ -73,13 +75,6 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
-
-
-def stage_params(cfg: Any, stages: Iterable[str]) -> dict[str, Any]:
-    """``profile`` plus the sections ``stages`` read, as a nested dict (``log_params`` flattens it)."""
-    tree = cfg.to_dict()
-    sections = dict.fromkeys(s for stage in stages for s in STAGE_SECTIONS[stage])
-    return {"profile": tree["profile"], **{s: tree[s] for s in sections}}
 
 
 class Tracker:
@@ -215,15 +210,6 @@ class Tracker:
             log.info("MLflow: all %d logging calls to run %s succeeded", self.calls, self.run_id)
         return self.failures
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        if self._client is None:
-            return
-        from mlflow.entities import Param
-
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):
-            self._guard("log_params", functools.partial(self._client.log_batch, self.run_id, params=flat[i : i + 100]))
-
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._client is None:
             return
@@ -233,16 +219,18 @@ class Tracker:
         batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
         self._guard("log_metrics", functools.partial(self._client.log_batch, self.run_id, metrics=batch))
 
-    def log_image(self, path: Path, step: int, key: str = "samples") -> None:
+    def log_grid(self, path: Path, step: int, key: str = "samples") -> None:
+        """A sample grid, as :func:`log_grid` logs it: two calls, each replayed on its own after an outage."""
         if self._client is None:
             return
         from PIL import Image
 
-        def _log() -> None:
+        def _log(key: str, step: int) -> None:
             with Image.open(path) as img:
                 self._client.log_image(self.run_id, img.copy(), key=key, step=step)
 
-        self._guard("log_image", _log)
+        self._guard("log_image", functools.partial(_log, key, step))
+        self._guard("log_image", functools.partial(_log, NEWEST_IMAGE_PREFIX + key, 0))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self._client is None:

@@ -640,9 +640,9 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
     images_per_step = t.batch_size * t.grad_accum * env.world_size
     bar = tqdm(total=max_steps, initial=trainer.step, desc="train", disable=not env.is_main, dynamic_ncols=True)
     if env.is_main and trainer.step == 0:
-        # MLflow's image cards open at step 0: show the untrained generator there, not an empty card.
+        # The untrained generator: the first point of the grid history (train.sample_every after it).
         grid = save_labelled_grid(trainer.sample(list(t.sample_prompts)), t.sample_prompts, out_dir / "samples" / f"step_{0:08d}.png", n_per_row=4)
-        tracker.log_image(grid, 0)
+        tracker.log_grid(grid, 0)
     t_log, step_log = time.perf_counter(), trainer.step
     losses_now: dict[str, float] = {}
     while trainer.step < max_steps:
@@ -665,7 +665,7 @@ def _run(cfg: Config, env: DistEnv, resume: bool, max_steps: int, clip: FrozenCL
                 tracker.log_metrics(row, step)
         if env.is_main and (step % t.sample_every == 0 or last):
             grid = save_labelled_grid(trainer.sample(list(t.sample_prompts)), t.sample_prompts, out_dir / "samples" / f"step_{step:08d}.png", n_per_row=4)
-            tracker.log_image(grid, step)
+            tracker.log_grid(grid, step)
         if step % t.ckpt_every == 0 or last:
             trainer.check_finite()  # never checkpoint weights that a NaN went through
             path = trainer.save(ckpt_dir, protect=best.checkpoint if best else None)

@@ -465,7 +465,7 @@ def training_samples_markdown(samples_dir: Path, prompts: list[str], links: Link
 @redacted_errors
 def train(params: GalipTrainParams, cfg: Config, mlflow_run_id: str, tracking_uri: str, links: Links) -> str:
     """torchrun -m galip train here, or on kube.nodes pods; the trainer logs losses and sample grids to the MLflow run itself."""
-    from galip.train.checkpoint import list_checkpoints
+    from galip.train.checkpoint import latest_checkpoint
 
     # The flow run's id names the Job, so a retried task follows the Job already running.
     launch_training(params, cfg, mlflow_run_id, tracking_uri, str(flow_run.id or mlflow_run_id), get_run_logger().info)

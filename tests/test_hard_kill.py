@@ -21,7 +21,7 @@ from conftest import TINY_DEMO, free_port, make_tiny_project
 
 from galip.telemetry import TELEMETRY_OFF
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # five demo runs: minutes each on a busy machine
 
 # The tiny demo, with training long enough to be caught between its first checkpoint and its end.
 STEPS, CKPT_EVERY = 12, 3

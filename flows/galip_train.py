@@ -209,16 +209,62 @@ def run_stage(
     log: Callable[[str], None] | None = None,
 ) -> None:
     log = log or get_run_logger().info
-    argv = ["dvc", "repro", "--single-item", name] if params.uses_dvc(cfg) else stage_command(name, cfg, params.select())
-    log(f"[{name}] {shlex.join(argv)}")
     t0 = time.perf_counter()
 
     def emit(line: str) -> None:
         if not DVC_HINTS.match(line):
             log(f"[{name}] {line}")
 
-    stream_process(argv, stage_env(mlflow_run_id, tracking_uri), emit)
+    env = stage_env(mlflow_run_id, tracking_uri)
+    if not params.uses_dvc(cfg):
+        argvs = [stage_command(name, cfg, params.select())]
+    elif name == "train" and resumable_under_dvc(cfg, log):
+        # the stage's own command (it resumes), then dvc.lock records the result as `dvc repro` would have
+        argvs = [stage_command(name, cfg, params.select()), ["dvc", "commit", "--force", name]]
+    else:
+        argvs = [["dvc", "repro", "--single-item", name]]
+    for argv in argvs:
+        log(f"[{name}] {shlex.join(argv)}")
+        stream_process(argv, env, emit)
     log(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+
+
+# What the train stage's inputs were when `dvc repro` last started it (in train.out_dir, not a DVC output).
+TRAIN_INPUTS = "dvc_train_inputs.json"
+
+
+def resumable_under_dvc(cfg: Config, log: Callable[[str], None]) -> bool:
+    """`dvc repro` deletes a stage's outputs before it runs it, so training killed mid-run (the demo killed
+    outright, a closed laptop) would start over at step 0 under the next `make demo`. Resume instead when
+    the checkpoints left in train.out_dir were written by a `dvc repro` of the train stage with the same
+    inputs as now (DVC's run-cache key: its command, dependency hashes and params), i.e. by an attempt that
+    was cut short; any changed input trains from scratch through `dvc repro`, as before."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import _get_cache_hash  # the run cache's key: cmd, deps and params, not outs
+    from dvc.stage.serialize import to_single_stage_lockfile
+
+    from galip.train.checkpoint import list_checkpoints
+
+    with Repo(str(ROOT)) as repo, repo.lock:
+        (stage,) = repo.stage.collect("train")
+        if not stage.changed():
+            return False  # up to date: `dvc repro` does nothing
+        stage.save_deps()
+        key = _get_cache_hash(to_single_stage_lockfile(stage), key=True)
+    record = Path(cfg.train.out_dir) / TRAIN_INPUTS
+    found = list_checkpoints(Path(cfg.train.out_dir) / "checkpoints")
+    try:
+        # and every checkpoint is newer than the record: none predates the attempt (a `dvc repro` that
+        # failed before it removed the outputs of an earlier run leaves those behind)
+        same = json.loads(record.read_text()).get("key") == key and all(c.stat().st_mtime >= record.stat().st_mtime for c in found)
+    except (OSError, ValueError):
+        same = False
+    if found and same:
+        log(f"[train] {found[-1].name} is from a run of this stage with the same inputs that did not finish: resuming it")
+        return True
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"key": key}))
+    return False
 
 
 def launch_training(

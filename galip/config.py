@@ -320,8 +320,8 @@ class MlflowConfig(_Section):
     ui_url: str = Field(description="MLflow UI address for links; '' = the tracking URI when it is a server, else http://127.0.0.1:5000")
     challenger_alias: str
     champion_alias: str
-    request_retries: int = Field(ge=0, description="MLflow HTTP retries per logging call while training (MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
-    request_timeout_s: int = Field(gt=0, description="MLflow HTTP timeout per request while training (MLFLOW_HTTP_REQUEST_TIMEOUT wins)")
+    request_retries: int = Field(ge=0, description="MLflow HTTP retries per request of the training log and of every stage's run bookkeeping, not the model upload (MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
+    request_timeout_s: int = Field(gt=0, description="MLflow HTTP timeout per request of the training log and of every stage's run bookkeeping, not the model upload (MLFLOW_HTTP_REQUEST_TIMEOUT wins)")
     outage_backoff_s: float = Field(ge=0, description="after a failed logging call, leave the tracking server alone this long; the calls are replayed later")
 
 

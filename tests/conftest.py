@@ -26,8 +26,9 @@ def pytest_configure(config):
 
 # The longest tests (minutes each on 2 cores), started first so that neither worker ends on one of them.
 # `make test` hands each worker two tests to begin with (--maxschedchunk 1), then one at a time: the
-# first worker starts with the first two of these, the second with the next two (similar sums).
-LONGEST_FIRST = ("test_production.py", "test_dvc_repro.py", "test_flow.py", "test_demo_recipe_learns_colour")
+# first worker starts with the first two of these, the second with the next two (similar sums: ~5.5 +
+# ~3.5 min, ~4.5 + ~4 min), and the fifth goes to the worker that finishes one first.
+LONGEST_FIRST = ("test_hard_kill.py", "test_flow.py", "test_demo_recipe_learns_colour", "test_production.py", "test_dvc_repro.py")
 
 
 def pytest_collection_modifyitems(config, items):

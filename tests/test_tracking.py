@@ -154,6 +154,61 @@ def test_registration_fails_clearly_when_mlflow_does_not_take_the_model(tiny_che
     assert "Traceback" not in err and "error: could not log the model" in err and dead_tracking in err
 
 
+def test_a_stage_whose_work_is_done_ends_at_once_when_mlflow_does_not_answer_its_end_record(tmp_path, monkeypatch):
+    """The flow's MLflow server a black hole when `galip train` ends: the trainer's logging and the stage's own
+    end record (galip.ops.pipeline_run.stage_run) are bounded by mlflow.request_retries/request_timeout_s
+    (MLflow's defaults: 7 retries of up to 120 s per call, minutes); the checkpoints are complete, so the
+    stage exits 0 with one line naming what did not reach MLflow and where it is."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import set_args, tiny_overrides
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # the profile's settings, as a user gets them
+    shards = write_shards(tmp_path / "shards", n_samples=16, per_shard=8)
+    overrides = tiny_overrides(tmp_path, shards, "train.max_steps=2", "mlflow.request_retries=0", "mlflow.request_timeout_s=1")
+    with black_hole() as url:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_RUN_ID": "0123456789abcdef"}
+        # MLflow's defaults wait 120 s for one answer: the timeout fails the test where they apply
+        done = subprocess.run([sys.executable, "-m", "galip", "train", "--profile", "demo", *set_args(overrides)],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)  # fmt: skip
+        ended = time.time()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    # from the last checkpoint to the exit: the tracker's last try and the end record, 1 s each, plus exiting
+    seconds = ended - (tmp_path / "run/checkpoints/ckpt_00000002.pt").stat().st_mtime
+    assert seconds < 30, f"{seconds:.0f} s after the last checkpoint: the end record waited out MLflow's retries"
+    (line,) = [line for line in out.splitlines() if "the train stage is done, but MLflow" in line]
+    assert "run 0123456789abcdef lacks the stage's record" in line and f"{tmp_path}/run/train_log.csv" in line
+    assert "Traceback" not in out
+
+
+def test_the_next_stage_writes_the_record_an_unreachable_mlflow_missed(tmp_path, monkeypatch):
+    """A stage done while MLflow was unreachable at its end (the test above) left its record out; the next
+    stage that uses the run writes it from the stage's output files."""
+    import mlflow
+
+    from galip.ops.pipeline_run import STAGES_TAG, stage_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config("params.yaml", [f"train.out_dir={tmp_path / 'run'}", "mlflow.experiment=galip-backfill"], profile="demo")
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("galip-backfill")).info.run_id
+    client.set_tag(run_id, STAGES_TAG, "download,clip")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/train_log.csv").write_text("step,loss_d\n1,0.5\n")
+    (tmp_path / "run/config.yaml").write_text(cfg.to_yaml())
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # as the flow hands it down
+    with pytest.raises(RuntimeError), stage_run(cfg, "evaluate"):
+        raise RuntimeError("evaluation fails: the train record is written before it starts")
+    assert client.get_run(run_id).data.tags[STAGES_TAG] == "download,clip,train"
+    assert {f.path for f in client.list_artifacts(run_id, "train")} == {"train/train_log.csv", "train/config.yaml"}
+
+
 # --- one name per metric: metrics.json's key is the MLflow metric and the model version's tag ----------
 @pytest.fixture
 def sqlite_tracking(tmp_path, monkeypatch) -> str:
@@ -302,8 +357,7 @@ def test_training_speed_does_not_depend_on_a_tracking_server_killed_mid_run(tmp_
         server.wait(timeout=10)
         killed_at = max(_step_seconds(train_log))
         # On a server that is gone each logging call used to wait out MLflow's retries (minutes per call).
-        # The end of the loop is the measure: the stage's own bookkeeping after it (galip.ops.pipeline_run)
-        # still talks to MLflow synchronously.
+        # The end of the loop is the measure (the stage's end record after it: the test above).
         last = tmp_path / "run/checkpoints/ckpt_00000024.pt"
         wait_until(lambda: "MLflow: " in (tmp_path / "train.out").read_text() and last.exists(), 900, "step 24", trainer, tmp_path / "train.out")
     finally:

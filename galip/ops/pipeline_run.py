@@ -210,6 +210,13 @@ OUTPUTS: dict[str, Callable[[Config], list[str]]] = {
     "register": lambda c: [],
 }
 
+# Where a stage's record is on disk, named when it could not reach MLflow.
+RECORD_FILES: dict[str, Callable[[Config], list[str]]] = {
+    **OUTPUTS,
+    "train": lambda c: [f"{c.train.out_dir}/train_log.csv", f"{c.train.out_dir}/config.yaml"],
+    "register": lambda c: [f"{c.eval.out_dir}/registered.json"],
+}
+
 
 def _log_metrics(client: Any, run_id: str, values: dict[str, Any], step: int = 0) -> None:
     from mlflow.entities import Metric
@@ -268,6 +275,17 @@ def _new_pipeline_run(cfg: Config, client: Any, stage: str) -> str:
     return run_id
 
 
+def _backfill(cfg: Config, client: Any, run_id: str, stage: str) -> None:
+    """Records of upstream stages the run lacks although their outputs exist: a stage whose work was done
+    while MLflow was unreachable at its end left its record to the next stage that uses the run."""
+    done = _recorded(client, run_id)
+    for upstream in STAGES[: STAGES.index(stage)]:
+        if upstream not in done and OUTPUTS[upstream](cfg) and all(Path(p).is_file() for p in OUTPUTS[upstream](cfg)):
+            RECORDS[upstream](cfg, client, run_id)
+            _mark(client, run_id, upstream)
+            log.info("MLflow run %s: recorded the %s stage, which could not reach MLflow when it ended", run_id, upstream)
+
+
 @contextlib.contextmanager
 def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
     """Run a stage inside the pipeline's MLflow run; yields the run id (None on ranks > 0).
@@ -276,15 +294,27 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
     Tracker, subprocesses). After the stage succeeded its record is written; a run this stage opened or
     reopened is marked FINISHED, or FAILED when the stage failed. A stage refused before any work (a
     UserError) leaves nothing behind: a run it opened is deleted with its run file, a reopened one gets
-    its status back."""
+    its status back.
+
+    The bookkeeping here (run, tags, status, the small record artifacts) is bounded per request by
+    ``mlflow.request_retries`` / ``mlflow.request_timeout_s``; the stage's own work is not (a model upload in
+    `galip register` keeps MLflow's defaults). When MLflow cannot be reached at the end of a stage whose
+    work is done, the stage still succeeds with one warning: its outputs are complete (and `dvc repro`
+    records them), and the next stage that uses the run writes the missing record from those outputs
+    (``_backfill``). A record MLflow refuses still fails the stage."""
     if os.environ.get("RANK", "0") != "0":
         yield None
         return
     from ..errors import UserError
+    from .tracking import bounded_requests, unreachable
 
     owned = not os.environ.get("MLFLOW_RUN_ID")
     opened, status = False, None
-    with unrecorded():  # bookkeeping: which run and where is not an input of the stage
+
+    def bounded() -> contextlib.AbstractContextManager[None]:
+        return bounded_requests(cfg.mlflow)
+
+    with unrecorded(), bounded():  # bookkeeping: which run and where is not an input of the stage
         run_file = _run_file(cfg)
         new_dirs = [d for d in (run_file.parent, *run_file.parent.parents) if not d.exists()]
         previous = run_file.read_bytes() if run_file.is_file() else None
@@ -298,16 +328,21 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
             client.update_run(run_id, status="RUNNING")
         else:
             run_id = os.environ["MLFLOW_RUN_ID"]
+        if not opened:
+            try:
+                _backfill(cfg, client, run_id, stage)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                # the stage's own logging rides out an outage (the trainer's Tracker); a later stage records it
+                log.warning("MLflow (%s) did not answer (%s); the %s stage goes on without it", redact(tracking_uri(cfg)), type(exc).__name__, stage)
         saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
         os.environ.update(MLFLOW_RUN_ID=run_id, MLFLOW_TRACKING_URI=tracking_uri(cfg))
     try:
         yield run_id
-        with unrecorded():
-            RECORDS[stage](cfg, client, run_id)
-            _mark(client, run_id, stage)
     except UserError:
         if owned:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), unrecorded(), bounded():
                 if opened:
                     client.delete_run(run_id)
                     if previous is None:
@@ -322,7 +357,7 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
         raise
     except BaseException:
         if owned:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), unrecorded(), bounded():
                 client.set_terminated(run_id, status="FAILED")
         raise
     finally:
@@ -331,8 +366,23 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str | None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if owned:
-        client.set_terminated(run_id, status="FINISHED")
+    with unrecorded(), bounded():
+        try:
+            RECORDS[stage](cfg, client, run_id)
+            _mark(client, run_id, stage)
+            if owned:
+                client.set_terminated(run_id, status="FINISHED")
+        except Exception as exc:
+            if not unreachable(exc):  # MLflow answered and refused: the run would silently lack the stage
+                if owned:
+                    with contextlib.suppress(Exception):
+                        client.set_terminated(run_id, status="FAILED")
+                raise
+            log.warning(
+                "the %s stage is done, but MLflow (%s) did not answer its end record (%s): run %s lacks the stage's "
+                "record and status; its outputs hold it all (%s) and the next stage that uses the run records it",
+                stage, redact(tracking_uri(cfg)), type(exc).__name__, run_id, ", ".join(RECORD_FILES[stage](cfg)),
+            )  # fmt: skip
 
 
 def trace(cfg: Config, model_name: str, version: str, manifest_out: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ multi-day run). Every failure is counted; ``Tracker.report`` states the count at
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..config import MlflowConfig
 from .redact import redact
@@ -77,6 +78,44 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     return experiment.experiment_id
 
 
+def bound_requests(settings: MlflowConfig) -> Callable[[], None]:
+    """Bound every MLflow HTTP request from now on by ``mlflow.request_retries`` / ``mlflow.request_timeout_s``
+    (MLflow's MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT, read per request); variables the user set win.
+    Returns the call that takes them back. MLflow's defaults (7 retries, 120 s) let one call to a server
+    that is gone take minutes; a large model upload (`galip register`) needs them, so this is scoped."""
+    added = []
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", settings.request_retries), ("MLFLOW_HTTP_REQUEST_TIMEOUT", settings.request_timeout_s)):
+        if name not in os.environ:
+            added.append(name)
+            os.environ[name] = str(value)
+
+    def unbound() -> None:
+        for name in added:
+            os.environ.pop(name, None)
+
+    return unbound
+
+
+@contextlib.contextmanager
+def bounded_requests(settings: MlflowConfig) -> Iterator[None]:
+    unbound = bound_requests(settings)
+    try:
+        yield
+    finally:
+        unbound()
+
+
+def unreachable(exc: BaseException) -> bool:
+    """MLflow could not be reached or did not answer in time (after its retries), as opposed to a server
+    that answered and refused the call (RestException: a bad request, a deleted run)."""
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, MlflowException) and not isinstance(exc, RestException) and "API request to" in str(exc)
+
+
 class Tracker:
     """No-op unless enabled. Logging runs on one background thread, so training never waits for the
     tracking server; every call is guarded, so tracking never breaks the job.
@@ -106,13 +145,10 @@ class Tracker:
         self._missed: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._set_env: list[str] = []
+        self._unbound: Callable[[], None] = lambda: None
         if self.run_id:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", settings.request_retries), ("MLFLOW_HTTP_REQUEST_TIMEOUT", settings.request_timeout_s)):
-                if name not in os.environ:
-                    self._set_env.append(name)
-                    os.environ[name] = str(value)
+            self._unbound = bound_requests(settings)
             from mlflow.tracking import MlflowClient
 
             # The run id comes from the environment (set by the flow), so does its store: an in-process
@@ -196,8 +232,7 @@ class Tracker:
         with self._lock:
             if not self._replay() or not self._send("set_tag", lambda: tag(str(self.failures))):
                 self._keep("set_tag", lambda: None)
-        for name in self._set_env:
-            os.environ.pop(name, None)
+        self._unbound()
         if self.failures:
             log.warning(
                 "MLflow: %d of %d logging calls to run %s failed or were not sent (first failure: %s; %d replayed after an outage); "

@@ -199,7 +199,13 @@ def test_demo_recipe_learns_colour(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     from demo_learns import run as run_demo
 
+    import logging
+
+    handlers = list(logging.root.handlers)
     result = run_demo(tmp_path, seed=0)
+    # in-process stages leave the logging of the process as they found it (open_clip_train's handlers on the
+    # root logger pointed at a deleted folder and failed every later test's logging on this worker)
+    assert logging.root.handlers == handlers
     m = result["metrics"]
     assert m["prompt_fidelity_held_in_colour"] >= 40, result
     assert m["prompt_fidelity_held_out_colour"] >= 60, result

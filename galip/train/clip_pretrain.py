@@ -181,9 +181,18 @@ def _train_once(cfg: Config, shards: list[str], num_samples: int, seed: int, out
     t0 = time.perf_counter()
     log.info("training %s from random weights on %d samples from %d shards (%d epochs, seed %d)",
              cfg.model.clip_model, num_samples, len(shards), cfg.clip_pretrain.epochs, seed)  # fmt: skip
+    # open_clip_train's setup_logging adds a file and a console handler to the root logger and lowers its
+    # level; in a process that goes on (a notebook, the suite) they would outlive the run's log folder.
+    root_handlers, root_level = list(logging.root.handlers), logging.root.level
     try:
         with without_random_init_warning():  # a CLIP trained here starts from random weights by design
-            rc = open_clip_train_main(trainer_args(cfg, shards, num_samples, logs, name, seed))
+            try:
+                rc = open_clip_train_main(trainer_args(cfg, shards, num_samples, logs, name, seed))
+            finally:
+                for handler in [h for h in logging.root.handlers if h not in root_handlers]:
+                    logging.root.removeHandler(handler)
+                    handler.close()
+                logging.root.setLevel(root_level)
         if rc not in (None, 0):
             raise ClipPretrainError(f"open_clip_train returned {rc}; see {logs / name / 'out.log'}")
         _write_state_dict(_final_checkpoint(logs, name, cfg.clip_pretrain.epochs), out)

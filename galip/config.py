@@ -369,6 +369,17 @@ class Config(_Section):
 _not_reading = 0  # > 0 while a Config is built or bookkept: those reads are not what a stage depends on
 
 
+def reference_spec(cfg: Config) -> tuple[str, str]:
+    """Where the evaluation's reference set is read from: (spec, the config key it came from), i.e.
+    eval.ref_shards, else the training shards. Here, not beside the reader, so the flow's preflight can
+    check it without importing torch and the metrics (4 s of a run that may only have to fail fast)."""
+    if cfg.eval.ref_shards:
+        return cfg.eval.ref_shards, "eval.ref_shards"
+    if cfg.data.shards:
+        return cfg.data.shards, "data.shards"
+    return cfg.data.shards_dir, "data.shards_dir"
+
+
 @contextlib.contextmanager
 def unrecorded() -> Iterator[None]:
     """Reads inside are not a stage's inputs (validators; the pipeline's MLflow bookkeeping)."""

@@ -82,3 +82,24 @@ print(json.dumps(failures))
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(f"{name}:\n{tb}" for name, tb in failures.items())
     assert len(names) > 30
+
+
+def test_the_flow_its_preflight_and_the_gate_text_load_no_torch():
+    """The flow process runs stages as subprocesses: importing it, checking the demo's prerequisites and
+    writing the gate's description load neither torch nor the metrics (each was ~4 s of every flow run;
+    the description is also written by the register stage, which otherwise needs no torchmetrics)."""
+    script = """
+import sys
+import flows.galip_train
+from galip.config import load_config
+from galip.ops.preflight import missing_prerequisites
+from galip.ops.registry import GateDecision, describe
+cfg = load_config("params.yaml")
+assert missing_prerequisites(cfg) == []
+text = describe(cfg, GateDecision(True, "v1 is the first", "1", "1", "prompt_fidelity", 40.0, None), {"prompt_fidelity": 40.0})
+assert "**How prompt_fidelity is made**: `prompt_fidelity = 0.5 * prompt_fidelity_held_in_attr_mean" in text, text
+print(sorted(m for m in ("torch", "open_clip", "torchmetrics") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, reference_spec
 
 
 def _gpu_problem(cfg: Config) -> str | None:
@@ -77,8 +77,6 @@ def _data_problem(cfg: Config) -> str | None:
 
 def _reference_problem(cfg: Config) -> str | None:
     """FID/FD statistics need local reference shards: with the training shards on S3 that is eval.ref_shards."""
-    from ..eval.metrics.reference import reference_spec
-
     spec, key = reference_spec(cfg)
     if "://" not in spec or not ({"fid", "fd_clip"} & set(cfg.eval.metrics)):
         return None

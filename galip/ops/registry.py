@@ -275,11 +275,9 @@ def describe(cfg: Config, decision: GateDecision, metrics: dict[str, Any], links
 
 def _how_made(metric: str) -> str | None:
     """The formula of a summary metric (prompt_fidelity), None for a metric measured directly."""
-    if metric != "prompt_fidelity":
-        return None
-    from ..eval.metrics.prompt_fidelity import HEADLINE
+    from ..eval.formulas import SUMMARY_FORMULAS
 
-    return HEADLINE
+    return SUMMARY_FORMULAS.get(metric)
 
 
 def selection_text(selected_by: Any, checkpoint: str | None = None) -> str:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
+from ..formulas import SUMMARY_FORMULAS
 from . import register
 from .base import EvalContext, SampleBatch, to_uint8
 
@@ -186,7 +187,7 @@ def split_of(wanted: Any) -> str:
 
 
 # How the headline is made, in the names a user sees (the gate's description quotes it).
-HEADLINE = "prompt_fidelity = 0.5 * prompt_fidelity_held_in_attr_mean + 0.5 * prompt_fidelity_held_out_all_attrs"
+HEADLINE = SUMMARY_FORMULAS["prompt_fidelity"]
 
 
 def attr_mean(results: dict[str, float], split: str) -> float:

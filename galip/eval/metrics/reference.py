@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from PIL import Image, ImageOps
 
-from ...config import Config
+from ...config import Config, reference_spec
 from ...errors import MissingInputError
 from .base import broadcast_object
 from .frechet import FrechetStats, RefStatsCache, cache_key, module_fingerprint, reference_stats_from_images
@@ -31,13 +31,6 @@ class ReferenceSetError(MissingInputError):
     """The reference shards are missing or unusable; the message says which setting to fix."""
 
 
-def reference_spec(cfg: Config) -> tuple[str, str]:
-    """(spec, the config key it came from): eval.ref_shards, else the training shards."""
-    if cfg.eval.ref_shards:
-        return cfg.eval.ref_shards, "eval.ref_shards"
-    if cfg.data.shards:
-        return cfg.data.shards, "data.shards"
-    return cfg.data.shards_dir, "data.shards_dir"
 
 
 def list_shards(spec: str, key: str) -> list[Path]:

@@ -11,13 +11,16 @@ and its quality, from one run of the same profile (on any machine: the load chan
   bench/results/cpu_make_demo_clip_report.json  runs/demo/clip/report.json
   bench/results/cpu_make_demo_samples.png       runs/demo/eval/samples.png (shown in README.md)
 Earlier runs, whose metrics files were not kept, are rows of bench/results/cpu_make_demo_earlier_runs.jsonl,
-each naming where its numbers were recorded.
+each naming where its numbers were recorded. Timed runs set side by side (before and after a change, on one
+machine, each with its machine figure) are rows of bench/results/cpu_make_demo_timings.jsonl: a row is a
+run's runs/demo/demo_timing.json plus `label` and `commit`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,9 @@ BLOCKS = {
     "summary": ("<!-- demo-summary:begin (bench/demo_results.py) -->", "<!-- demo-summary:end -->", README),
     "runs": ("<!-- demo-runs:begin (bench/demo_results.py) -->", "<!-- demo-runs:end -->", BENCH_README),
     "download": ("<!-- download-rate:begin (bench/demo_results.py) -->", "<!-- download-rate:end -->", DATA_DOC),
+    "timings": ("<!-- demo-timings:begin (bench/demo_results.py) -->", "<!-- demo-timings:end -->", BENCH_README),
 }
+STAGES = ("download", "clip", "train", "evaluate")
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -141,11 +146,28 @@ def render_download() -> str:
     ])
 
 
+def render_timings() -> str:
+    runs = [json.loads(line) for line in (RESULTS / "cpu_make_demo_timings.jsonl").read_text().splitlines() if line.strip()]
+    lines = [
+        BLOCKS["timings"][0],
+        "| run | commit | total | download | clip | train | evaluate | the rest | machine figure (s/step, batch 16: mean / min) | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        st = r["stages_s"]
+        rest = r["total_s"] - sum(st[k] for k in STAGES)
+        figure = re.search(r"([0-9.]+) s/iter \(mean of \d+, min ([0-9.]+)\)", r["machine_figure"])
+        lines.append(f"| {r['label']} | {r['commit']} | {r['total_s']:.0f} s | " + " | ".join(f"{st[k]:.0f} s" for k in STAGES)
+                     + f" | {rest:.0f} s | {figure[1]} / {figure[2]} | {r.get('load_avg_1m', '')} |")
+    lines.append(BLOCKS["timings"][1])
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="exit 1 if a block differs from the result files")
     args = p.parse_args(argv)
-    rendered = {"summary": render_summary(), "runs": render_runs(), "download": render_download()}
+    rendered = {"summary": render_summary(), "runs": render_runs(), "download": render_download(), "timings": render_timings()}
     rc = 0
     for key, (begin, end, readme) in BLOCKS.items():
         rc |= sync_block(begin, end, rendered[key], args.check, "python bench/demo_results.py", readme)

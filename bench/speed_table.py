@@ -61,6 +61,8 @@ def _cpu_row(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str] | None:
 def cpu_rows() -> list[list[str]]:
     rows = []
     for path in sorted(RESULTS.glob("cpu_*.json*")):
+        if path.name == "cpu_make_demo_timings.jsonl":
+            continue  # make demo runs side by side have their own table (bench/demo_results.py)
         groups: dict[str, list[tuple[tuple[str, ...], str]]] = {}
         for r in records(path):
             row = _cpu_row(r)

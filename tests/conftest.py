@@ -273,7 +273,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 TINY_DEMO = {
     "data": {"demo_images": 200, "samples_per_shard": 100},
-    "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2, "separation_samples": 10},
+    # attempts 1: a one-epoch CLIP is always weak, and a second run would only repeat it (~10 s per pipeline);
+    # test_dvc_repro keeps the retry (attempts 2)
+    "clip_pretrain": {"enabled": True, "epochs": 1, "batch_size": 50, "warmup": 2, "separation_samples": 10, "attempts": 1},
     "model": {"ngf": 8, "ndf": 8, "code_channels": 8, "code_mid_channels": 8, "mapper_blocks": 1},
     "train": {"max_steps": 6, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 3,
               "eval_every": 6, "eval_samples": 20},  # one in-training evaluation; it picks the registered checkpoint
@@ -282,8 +284,9 @@ TINY_DEMO = {
 }
 
 
-def make_tiny_project(dst: Path) -> Path:
-    """A git checkout of this project's tracked files with a seconds-sized demo in params.yaml."""
+def make_tiny_project(dst: Path, overrides: dict[str, object] | None = None) -> Path:
+    """A git checkout of this project's tracked files with a seconds-sized demo in params.yaml (TINY_DEMO, then
+    ``overrides``: flat keys such as ``{"clip_pretrain.attempts": 2}``)."""
     root = Path(__file__).resolve().parents[1]
     files = _subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
@@ -293,7 +296,8 @@ def make_tiny_project(dst: Path) -> Path:
             _shutil.copy2(src, dst / rel)
     from galip.config import flatten, write_profile
 
-    write_profile("demo", dst / "params.yaml", [f"{k}={json.dumps(v)}" for k, v in flatten(TINY_DEMO).items()])
+    values = {**flatten(TINY_DEMO), **(overrides or {})}
+    write_profile("demo", dst / "params.yaml", [f"{k}={json.dumps(v)}" for k, v in values.items()])
     env = {**_os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         _subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)

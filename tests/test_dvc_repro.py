@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TELEMETRY_OFF, venv_bin
+from conftest import TELEMETRY_OFF, make_tiny_project, venv_bin
 from helpers import run_config_tags
 
 from galip.config import SECTIONS, flatten, load_config, write_profile
@@ -111,8 +111,11 @@ def would_run(project: Path, key: str, value) -> list[str]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experiment(tiny_project):
+def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experiment(tmp_path):
     from mlflow import MlflowClient
+
+    # the demo's two CLIP attempts (the other tiny projects train one): a one-epoch CLIP is weak, so the stage retries
+    tiny_project = make_tiny_project(tmp_path / "project", {"clip_pretrain.attempts": 2})
 
     subprocess.run([venv_bin("galip"), "demo-data"], cwd=tiny_project, check=True, capture_output=True)
     reads_log = tiny_project / "reads.jsonl"

@@ -86,7 +86,9 @@ def render_summary() -> str:
         BLOCKS["summary"][0],
         f"Time, on an otherwise idle 2-core machine (`bench/results/cpu_make_demo.json`{load}): **{timing['total_s'] / 60:.1f} min**",
         f"end to end: download {s['download']:.0f} s, CLIP pre-training {s['clip']:.0f} s, GALIP training {s['train']:.0f} s, "
-        f"evaluation {s['evaluate']:.0f} s, the rest Prefect and registration.",
+        f"evaluation {s['evaluate']:.0f} s, the rest Prefect and registration. Other runs beside it, each with its machine figure",
+        "(one whose demo CLIP needs its second attempt takes minutes longer), and what bounds the time:",
+        "[bench/README.md](bench/README.md#time-per-stage-runs-side-by-side).",
         f"Quality, from another run of the same profile ({q['source']} in `bench/results/`; its time is not comparable, the",
         f"machine was busy), on {q['n_samples']} evaluation prompts, and that run's evaluation grid, one row per prompt (the last",
         "two rows are colour+shape pairs the training data never shows):",

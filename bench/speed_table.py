@@ -51,6 +51,11 @@ def _cpu_row(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str] | None:
         return f"loader: {r['image_size']} px, {r['workers']} workers, batch {r['batch']}", (f"{r['images_per_s']} img/s",), _cpu_machine(r)
     if bench == "ddp_throughput":
         return f"torchrun demo training: {r['nprocs']} process(es) x batch {r['batch_per_proc']}", (f"{r['images_per_s']} img/s",), _cpu_machine(r)
+    if bench == "clip_step":
+        (base, base_s), (fused, fused_s) = r["median"].items()
+        what = f"clip stage step: {r['model']} {r['image_size']} px, batch {r['batch']}, {base} vs {fused}"
+        what += f", {r['label']}" if r.get("label") else ""
+        return what, (f"{base_s} vs {fused_s} s/step ({r['ratio_fused_vs_for_loop']}x)", f"median of {r['rounds']} alternated rounds"), _cpu_machine(r)
     if bench == "make_demo":
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages_s"].items())
         machine = f"machine figure: {r['machine_figure']}" + (f", load {r['load_avg_1m']}" if "load_avg_1m" in r else "")

@@ -318,11 +318,36 @@ def local_script(env: dict[str, str], *functions: str, cwd: Path = REPO, timeout
     return _subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def migrated_prefect_home(home: Path, tmp_path_factory) -> Path:
+    """``home`` as a PREFECT_HOME whose database has every migration applied. Migrating a new database makes
+    a server's first start ~15-20 s longer on this machine; the suite migrates one (xdist workers share
+    it through their common temp folder, under a lock) and each test server starts on a copy of it, as
+    `make demo` does on a checkout that ran it before."""
+    from filelock import FileLock
+    from prefect import __version__ as prefect_version
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if _os.environ.get("PYTEST_XDIST_WORKER") else base
+    template = shared / f"prefect-migrated-{prefect_version}"
+    with FileLock(str(template) + ".lock"):
+        if not (template / "prefect.db").is_file():
+            template.mkdir(exist_ok=True)
+            env = {**_os.environ, **TELEMETRY_OFF, "PREFECT_HOME": str(template)}
+            for key in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+                env.pop(key, None)
+            migrated = _subprocess.run([venv_bin("prefect"), "server", "database", "upgrade", "-y"], env=env,
+                                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+            assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    home.mkdir(parents=True, exist_ok=True)
+    _shutil.copy2(template / "prefect.db", home / "prefect.db")
+    return home
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """The local Prefect server and process worker as `make demo` starts them (scripts/prefect-local.sh),
     with their own PREFECT_HOME and free loopback ports; yields the environment a Prefect CLI call needs."""
-    home = tmp_path_factory.mktemp("prefect_home")
+    home = migrated_prefect_home(tmp_path_factory.mktemp("prefect_home"), tmp_path_factory)
     port = free_port()
     env = {
         **_os.environ, **TELEMETRY_OFF, "PREFECT_HOME": str(home), "PY": _sys.executable, "PREFECT_WORKER_QUERY_SECONDS": "1",

@@ -136,6 +136,8 @@ def test_dvc_repro_runs_the_demo_into_one_mlflow_run_then_noop_then_an_experimen
     assert clip_report["seed"] in (0, 1) and clip_report["separation"]["held_in"]["image_text"]["min"] == max(
         t["held_in_image_text"]["min"] for t in tries)
     assert sorted(p.name for p in (tiny_project / "runs/demo/clip").iterdir()) == ["galip-tiny.pt", "open_clip_train.log", "report.json"]
+    # open_clip_train stepped with the fused AdamW (clip_pretrain._fused_adamw), not torch's for-loop CPU default
+    assert "fused: True" in (tiny_project / "runs/demo/clip/open_clip_train.log").read_text()
     lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
     assert lock["train"]["params"]["params.yaml"]["train"]["max_steps"] == 6
     manifest_out = {o["path"]: o for o in lock["download"]["outs"]}["data/demo/manifest.json"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY_DEMO, free_port, make_tiny_project
+from conftest import TINY_DEMO, free_port, make_tiny_project, migrated_prefect_home
 
 from galip.telemetry import TELEMETRY_OFF
 
@@ -138,7 +138,7 @@ def check_killed_runs_recorded(project: Path, env: dict[str, str]) -> None:
     assert "RUNNING" not in status and "FINISHED" in status and status & {"KILLED", "FAILED"}, status
 
 
-def test_make_demo_killed_at_each_stage_leaves_nothing_and_the_next_one_resumes(tmp_path):
+def test_make_demo_killed_at_each_stage_leaves_nothing_and_the_next_one_resumes(tmp_path, tmp_path_factory):
     project = make_tiny_project(tmp_path / "project")
     from galip.config import flatten, write_profile
 
@@ -154,11 +154,9 @@ def test_make_demo_killed_at_each_stage_leaves_nothing_and_the_next_one_resumes(
     }  # fmt: skip
     for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         env.pop(key, None)  # the demo's own: .prefect/ and mlflow.db in the project
-    # The first server start migrates a new database, which on a busy machine outlasts demo.sh's 120 s wait
-    # for the server: migrate it first (`make demo` on a checkout that ran it before finds it migrated).
-    migrated = subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"],
-                              cwd=project, env={**env, "PREFECT_HOME": str(project / ".prefect")}, capture_output=True, text=True, timeout=600)
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    # The first server start migrates a new database, which on a busy machine outlasts demo.sh's wait for the
+    # server: start on a migrated one (`make demo` on a checkout that ran it before finds it migrated).
+    migrated_prefect_home(project / ".prefect", tmp_path_factory)
     t0 = time.monotonic()
     timings = {}
     try:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PG_BIN, TELEMETRY_OFF, free_port, local_script, make_tiny_project, venv_bin, write_random_inception_weights
+from conftest import (PG_BIN, TELEMETRY_OFF, free_port, local_script, make_tiny_project, migrated_prefect_home, venv_bin,
+                      write_random_inception_weights)
 from helpers import run_config_tags, write_shards
 
 pytestmark = pytest.mark.slow
@@ -84,7 +85,7 @@ def url_list(project: Path, source: Path, base_url: str) -> None:
 def production_env(tmp_path_factory, mlflow_server, s3_server):
     """Local Prefect server and process worker whose environment is a production pod's: the MLflow server
     (with a password in its URI: the server ignores it, every client sends it), S3 credentials and endpoint."""
-    home = tmp_path_factory.mktemp("prefect")
+    home = migrated_prefect_home(tmp_path_factory.mktemp("prefect"), tmp_path_factory)
     secrets = {"password": f"pw{uuid.uuid4().hex}", "secret_key": f"sk{uuid.uuid4().hex}"}
     env = {
         **os.environ, **TELEMETRY_OFF, "PREFECT_HOME": str(home), "PY": sys.executable,

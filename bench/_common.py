@@ -66,3 +66,10 @@ def report(name: str, cfg: Config, batch: int, device: torch.device, times: list
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     print(json.dumps(out))
+
+
+def append_line(path: str, result: dict) -> None:
+    """One JSON line appended to a result file ('' = print only)."""
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(result) + "\n")

@@ -9,17 +9,20 @@ alternated in rounds in one process so the machine's drift hits both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import open_clip
 import torch
 
-from galip.config import load_config
-from galip.model.clip import register_project_model_configs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_line  # noqa: E402
+
+from galip.config import load_config  # noqa: E402
+from galip.model.clip import register_project_model_configs  # noqa: E402
 
 VARIANTS = {"for-loop AdamW (torch's CPU default)": {}, "fused AdamW": {"fused": True}}
 
@@ -80,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, times in per_round.items():
         print(f"{name:40s} s/step per round {times}  median {statistics.median(times):.4f}")
     print(f"fused is {result['ratio_fused_vs_for_loop']:.2f}x the for-loop AdamW's speed (median over rounds)")
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    append_line(args.out, result)
     return 0
 
 

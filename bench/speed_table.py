@@ -56,6 +56,12 @@ def _cpu_row(r: dict[str, Any]) -> tuple[str, tuple[str, ...], str] | None:
         what = f"clip stage step: {r['model']} {r['image_size']} px, batch {r['batch']}, {base} vs {fused}"
         what += f", {r['label']}" if r.get("label") else ""
         return what, (f"{base_s} vs {fused_s} s/step ({r['ratio_fused_vs_for_loop']}x)", f"median of {r['rounds']} alternated rounds"), _cpu_machine(r)
+    if bench == "interference":
+        cases = " / ".join(f"{n} {m:.3f} s ({r['slowdown_vs_alone'][n]}x)" for n, m in r["median"].items())
+        return f"{r['step']}: {', '.join(r['median'])}" + (f", {r['label']}" if r.get("label") else ""), (cases, f"median of {r['rounds']} alternated rounds"), "2-core VM"
+    if bench == "process_cpu":
+        used = ", ".join(f"{k} {v:.0f} s" for k, v in r["cpu_s"].items() if v >= 1)
+        return f"`make demo` (install included): CPU seconds of each kind of process over {r['wall_s']} s" + (f", {r['label']}" if r.get("label") else ""), (used,), "2-core VM"
     if bench == "make_demo":
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["stages_s"].items())
         machine = f"machine figure: {r['machine_figure']}" + (f", load {r['load_avg_1m']}" if "load_avg_1m" in r else "")
